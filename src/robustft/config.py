@@ -1,0 +1,375 @@
+"""The typed config tree of one run, and how it is built.
+
+A run's config is built in three layers: the dataclass defaults below, then a YAML preset
+(a name shipped in ``robustft/configs/`` or a path; a preset may name a ``base`` preset it
+extends), then command-line overrides such as ``--set optim.lr=1e-5``. Unknown keys and
+values of the wrong type or outside their valid range are :class:`ConfigError`\\ s naming
+the key and the nearest valid one. The resolved tree is written to the run folder and
+embedded in every checkpoint and results row, so a run can be reproduced from it.
+
+Only the composition root (``pipeline.py``) and the CLI see :class:`RunConfig`; library
+functions take explicit arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from robustft.errors import ConfigError, choices_hint
+
+__all__ = [
+    "ModelConfig",
+    "HeadConfig",
+    "DataConfig",
+    "MethodConfig",
+    "OptimConfig",
+    "CheckpointConfig",
+    "EvalConfig",
+    "RunConfig",
+    "build_config",
+    "config_from_dict",
+    "config_to_dict",
+    "config_hash",
+    "dump_config",
+    "list_presets",
+    "load_preset",
+    "parse_override",
+]
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _ranged(default: float, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP model to start from."""
+
+    name: str = "ViT-B-32"  # any open_clip architecture, or robustft-tiny / robustft-demo
+    pretrained: str = "openai"  # open_clip tag, path to a weights file, or "none"
+    cache_dir: str | None = None  # open_clip / Hugging Face cache folder (None: their default)
+
+
+@dataclass
+class HeadConfig:
+    """The zero-shot head: class names x prompt templates."""
+
+    classnames: str = "imagenet"  # "imagenet" or a text file, one class name per line
+    templates: str = "openai_imagenet"  # "openai_imagenet", "simple" or a text file
+
+
+@dataclass
+class DataConfig:
+    """Training data, held-out validation split and evaluation sets."""
+
+    train: str = "imagenet"  # "imagenet", "folder" (ImageFolder at train_dir) or "synthetic"
+    root: str = "data"  # data root holding the official releases (see docs/datasets.md)
+    train_dir: str | None = None  # ImageFolder of training images when train = folder
+    val_dir: str | None = None  # ImageFolder of in-distribution test images (folder data)
+    holdout: int = _ranged(10240, 0)  # training images held out to choose the best epoch
+    eval_sets: list[str] = field(
+        default_factory=lambda: ["imagenet", "imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a"]
+    )
+    ood_folders: dict[str, str] = field(default_factory=dict)  # extra shifted test sets: name -> ImageFolder
+    paths: dict[str, str] = field(default_factory=dict)  # per-dataset path overrides: name -> folder
+    batch_size: int = _ranged(512, 1)  # global training batch, over all processes
+    eval_batch_size: int = _ranged(256, 1)  # per process
+    workers: int = _ranged(8, 0)  # data-loading worker processes per training process
+    train_augment: bool = False  # the paper uses none: resize + center crop for train and eval
+    max_bad_fraction: float = _ranged(0.001, 0.0, 1.0)  # unreadable images tolerated before stopping
+    limit_train: int = _ranged(0, 0)  # use only the first N training images (0: all); for smoke runs
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its options (each method reads the ones it uses)."""
+
+    name: str = "ft"  # see `robustft methods`
+    task_weight: float = _ranged(1.0, 0.0)  # weight of the cross-entropy on clean images
+    distill_weight: float = _ranged(30.0, 0.0)  # weight of the distillation term
+    temperature: float = _ranged(10.0, 1e-6)  # KD temperature (kd methods)
+    masking: str = "ObjMaskSingleFill(0.3)"  # paper notation, see docs/masking.md
+    cam: str = _choice("mmcam", "mmcam", "gradcam")
+    cam_source: str = _choice("student", "student", "teacher")
+    donors: str = _choice("permutation", "permutation", "derangement")
+    label_smoothing: float = _ranged(0.0, 0.0, 1.0)
+    alphas: list[float] = field(default_factory=lambda: [0.5])  # WiSE-FT mixing weights
+    lp_epochs: int = _ranged(1, 0)  # LP-FT: epochs of the linear-probe stage
+    lp_lr: float = _ranged(1e-3, 0.0)  # LP-FT / LP: learning rate of the probe
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (the paper's recipe by default)."""
+
+    lr: float = _ranged(3e-5, 0.0)
+    weight_decay: float = _ranged(0.1, 0.0)
+    epochs: float = _ranged(10.0, 0.0)
+    schedule: str = _choice("onecycle", "onecycle", "cosine", "constant")
+    warmup: float = _ranged(0.02, 0.0, 1.0)  # fraction of all steps
+    clip_grad_norm: float = _ranged(1.0, 0.0)  # 0 disables clipping
+    accum_steps: int = _ranged(1, 1)
+    precision: str = _choice("fp32", "fp32", "bf16")
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to save and how many checkpoints to keep."""
+
+    every: int = _ranged(0, 0)  # optimizer steps between checkpoints (0: end of each epoch only)
+    keep: int = _ranged(3, 1)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training."""
+
+    enabled: bool = True
+    top5: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = _choice("auto", "auto", "cpu", "cuda")
+    dist_timeout_s: float = _ranged(1800.0, 1.0)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set method.alphas=0.5` means a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping name -> {_type_name(val_tp)}, got {value!r}")
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported value {value!r}")
+
+
+def _check_metadata(value: Any, f: dataclasses.Field, key: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: invalid value {value!r}; {choices_hint(str(value), choices)}")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{key}: {value!r} is out of range; valid: {bounds}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = [prefix + name for name in fields]
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; {choices_hint(prefix + str(key), full)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+        else:
+            value = _coerce(data[name], tp, prefix + name)
+            if value is not None:
+                _check_metadata(value, f, prefix + name)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig` from a (possibly partial) nested dict, checking every key."""
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config tree as plain nested dicts/lists (JSON- and YAML-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: RunConfig | dict[str, Any]) -> str:
+    """A short, stable hash of the resolved config (12 hex digits)."""
+    data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# presets and overrides
+
+
+def _preset_dir() -> Any:
+    return resources.files("robustft") / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with robustft."""
+    return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config file must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a preset (shipped name or YAML path) into a nested dict, following ``base``."""
+    path = Path(preset)
+    if preset.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {preset!r} does not exist; give a YAML path or one of: {', '.join(list_presets())}")
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"config file {preset!r} cannot be read ({err.strerror})") from None
+    else:
+        names = list_presets()
+        if preset not in names:
+            raise ConfigError(f"unknown preset {preset!r}; {choices_hint(preset, names)}")
+        text = (_preset_dir() / f"{preset}.yaml").read_text()
+    if preset in _seen:
+        raise ConfigError(f"preset {preset!r} extends itself through 'base': {' -> '.join(_seen + (preset,))}")
+    data = _read_yaml(text, preset)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{preset}: 'base' must name a preset, got {base!r}")
+    return _merge(load_preset(base, _seen + (preset,)), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``"optim.lr=1e-5"`` into ``{"optim": {"lr": 1e-05}}`` (value parsed as YAML)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. optim.lr=1e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p.strip() or p != p.strip() for p in parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r}; expected dotted names like optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # unparsable as YAML: keep the text; type checks follow
+    if isinstance(value, str):
+        value = _yaml_number(value)
+    out: dict[str, Any] = {}
+    node = out
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _yaml_number(value: str) -> Any:
+    # YAML 1.1 reads "1e-5" as a string (no dot); users mean a number.
+    try:
+        return float(value) if any(c in value for c in ".eE") and value.strip() else value
+    except ValueError:
+        return value
+
+
+def build_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then ``preset`` (name or YAML path), then ``key=value`` overrides."""
+    data: dict[str, Any] = load_preset(preset) if preset else {}
+    config_from_dict(data)  # report bad preset keys against the preset, before overrides
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
