@@ -69,8 +69,8 @@ class ModelConfig:
 class HeadConfig:
     """The zero-shot head: class names x prompt templates."""
 
-    classnames: str = "imagenet"  # "imagenet" or a text file, one class name per line
-    templates: str = "openai_imagenet"  # "openai_imagenet", "simple" or a text file
+    classnames: str = "auto"  # "auto" (from the data), "imagenet", or a text file, one name per line
+    templates: str = "auto"  # "auto" (from the data), "openai_imagenet", "simple" or a text file
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The composition root: the only code that sees the whole run config."""

@@ -1,0 +1,137 @@
+"""Run folders: creating them safely, recognising them, and refusing to clobber them.
+
+A run folder holds ``run.json`` (what kind of run, which config hash, when, which
+versions), ``config.yaml`` (the resolved config, for training runs) and whatever the run
+wrote (classifier, checkpoints, logs). Writing into a folder that already holds a
+*different* run is refused unless the user passes ``--overwrite``; the same run may be
+re-entered (``--resume``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustft import __version__
+from robustft.errors import CheckpointError, ConfigError
+from robustft.safeio import read_json, write_json
+
+__all__ = ["RUN_FILE", "git_sha", "versions", "prepare_run_dir", "read_run_info", "check_writable"]
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+def git_sha() -> str | None:
+    """The git commit of the robustft source tree, when it is a checkout; else None."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that determine a run's numbers."""
+    import open_clip
+
+    return {
+        "robustft": __version__,
+        "torch": torch.__version__,
+        "open_clip": getattr(open_clip, "__version__", "unknown"),
+        "python": platform.python_version(),
+    }
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early (before any work) when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output folder {str(folder)!r} is not writable ({err.strerror}); choose another --out") from None
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``run.json`` of a run folder; a clear error when it is not a run."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {str(run_dir)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a robustft run folder (no {RUN_FILE}); give the --out of a robustft command")
+    info = read_json(path)
+    if not isinstance(info, dict) or "kind" not in info:
+        raise CheckpointError(f"{str(path)!r} is not a robustft run description")
+    return info
+
+
+def prepare_run_dir(
+    out: str | Path, *, kind: str, identity: str, overwrite: bool = False, resume: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Create or re-enter the run folder ``out`` for a run of ``kind``.
+
+    Args:
+        out: The run folder.
+        kind: "zeroshot", "train", "wise", "demo", ...
+        identity: A hash of what makes this run (its config); an existing run with the same
+            kind and identity is re-entered, a different one is refused unless ``overwrite``.
+        overwrite: Delete a different run found in ``out``.
+        resume: The caller will resume; the folder must already hold this run.
+        extra: More fields for ``run.json``.
+    """
+    out = Path(out)
+    existing = out / RUN_FILE
+    if resume:
+        if not existing.is_file():
+            raise ConfigError(f"--resume: {str(out)!r} holds no run to resume; run without --resume first")
+        info = read_run_info(out)
+        if info.get("identity") != identity:
+            raise ConfigError(
+                f"--resume: {str(out)!r} was started with a different config (hash {info.get('identity')}, now {identity}); "
+                "resume with the same --config/--set values, or choose another --out"
+            )
+        return out
+    if out.exists() and any(out.iterdir()):
+        same = existing.is_file() and _same_run(out, kind, identity)
+        if not same and not overwrite:
+            what = "a different robustft run" if existing.is_file() else "files that are not a robustft run"
+            raise ConfigError(f"output folder {str(out)!r} already holds {what}; choose another --out or pass --overwrite")
+        if not same:
+            logger.warning("--overwrite: removing the previous contents of %s", out)
+            shutil.rmtree(out)
+    check_writable(out)
+    info = {
+        "kind": kind,
+        "identity": identity,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "git_sha": git_sha(),
+        **(extra or {}),
+    }
+    write_json(out / RUN_FILE, info)
+    return out
+
+
+def _same_run(out: Path, kind: str, identity: str) -> bool:
+    try:
+        info = read_run_info(out)
+    except CheckpointError:
+        return False
+    return info.get("kind") == kind and info.get("identity") == identity
