@@ -61,7 +61,7 @@ class ModelConfig:
     """Which CLIP model to start from."""
 
     name: str = "ViT-B-32"  # any open_clip architecture, or robustft-tiny / robustft-demo
-    pretrained: str = "openai"  # open_clip tag, path to a weights file, or "none"
+    pretrained: str = "openai"  # open_clip tag, weights file, "none" (random), or "world" (demo CLIP)
     cache_dir: str | None = None  # open_clip / Hugging Face cache folder (None: their default)
 
 
@@ -81,10 +81,12 @@ class DataConfig:
     root: str = "data"  # data root holding the official releases (see docs/datasets.md)
     train_dir: str | None = None  # ImageFolder of training images when train = folder
     val_dir: str | None = None  # ImageFolder of in-distribution test images (folder data)
-    holdout: int = _ranged(10240, 0)  # training images held out to choose the best epoch
-    eval_sets: list[str] = field(
-        default_factory=lambda: ["imagenet", "imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a"]
-    )
+    # Training images held out (stratified, seeded) to choose the best epoch; -1: 10,240 for
+    # ImageNet (the paper), 5% of the training images otherwise; 0: keep the last epoch.
+    holdout: int = _ranged(-1, -1)
+    # Test sets evaluated after training. "auto": ImageNet + its five shifts for ImageNet,
+    # "id" + every ood_folders entry for folder data, "id" + every shift for synthetic data.
+    eval_sets: list[str] = field(default_factory=lambda: ["auto"])
     ood_folders: dict[str, str] = field(default_factory=dict)  # extra shifted test sets: name -> ImageFolder
     paths: dict[str, str] = field(default_factory=dict)  # per-dataset path overrides: name -> folder
     batch_size: int = _ranged(512, 1)  # global training batch, over all processes

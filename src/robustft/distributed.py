@@ -1,0 +1,316 @@
+"""Process-group set-up and the few collectives robustft needs; the only importer of torch.distributed.
+
+One code path serves a single CPU process, one GPU, N GPUs under ``torchrun`` and a SLURM
+``srun`` launch: :func:`init_distributed` reads the launcher's environment and returns a
+:class:`DistEnv`, whose collectives are identities when there is one process. CUDA runs use
+nccl, everything else gloo. Every process group gets a timeout, so when one rank dies or
+hangs the others raise :class:`robustft.errors.TrainingError` instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from robustft.errors import ConfigError, RobustFTError, TrainingError
+
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "launcher_env",
+    "ddp_call",
+    "unwrap",
+    "no_sync",
+    "is_peer_failure",
+    "shard_range",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Substrings of the RuntimeErrors gloo and nccl raise when a peer vanished or a collective
+# timed out; older builds raise plain RuntimeError rather than dist.DistError.
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "timed out", "connection reset", "connection closed", "watchdog")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: Global rank in ``[0, world_size)``.
+        world_size: Number of processes.
+        local_rank: Rank on this node (selects the GPU).
+        device: The device this process computes on.
+        backend: ``"nccl"``, ``"gloo"`` or ``None`` when no process group exists (one process).
+        timeout_s: Collective timeout of the process group, in seconds.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    timeout_s: float = 1800.0
+
+    @property
+    def is_primary(self) -> bool:
+        """True on rank 0, the process that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when collectives talk to other processes."""
+        return self.world_size > 1 and self.backend is not None
+
+    def rank_seed(self, seed: int) -> int:
+        """A seed that differs per rank: ``seed * 1000003 + rank`` (mod 2**63)."""
+        return (int(seed) * 1_000_003 + self.rank) % 2**63
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place; returns it."""
+        if self.is_distributed:
+            with self.peer_failures("all_reduce"):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Gather a picklable object from every rank (in-memory only); returns the list by rank."""
+        if not self.is_distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with self.peer_failures("all_gather_object"):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Return rank ``src``'s ``obj`` on every rank."""
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        with self.peer_failures("broadcast_object"):
+            dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives here (or the timeout passes)."""
+        if self.is_distributed:
+            with self.peer_failures("barrier"):
+                dist.barrier()
+
+    def wrap_ddp(self, module: nn.Module, *, find_unused_parameters: bool = False) -> nn.Module:
+        """Wrap ``module`` for data-parallel training; the module itself when there is one process.
+
+        Call the result as ``wrapped(*args)`` for ``module.forward`` or through
+        :func:`ddp_call` for any other method of ``module`` (``forward_features``, ...):
+        both arm DDP's gradient all-reduce for the next backward pass. Calling ``module``
+        directly in a multi-process run would silently skip that synchronisation.
+        DDP copies rank 0's parameters and buffers to every rank when it wraps.
+        """
+        if not self.is_distributed:
+            return module
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ConfigError("the trainable module has no parameter with requires_grad=True; nothing to train")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(
+            _CallRouter(module), device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
+
+    def on_primary(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (a file write, a choice) on rank 0 only; every rank returns its result.
+
+        A :class:`RobustFTError` raised by ``fn`` is raised on rank 0 and, as a
+        TrainingError quoting it, on every other rank, so no rank is left waiting.
+        The result must be picklable (it is broadcast).
+        """
+        result, error = None, None
+        if self.is_primary:
+            try:
+                result = fn()
+            except RobustFTError as exc:
+                error = exc
+        shared = self.broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise TrainingError(f"rank 0 failed: {shared[1]}")
+        return shared[0]  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def peer_failures(self, what: str) -> Iterator[None]:
+        """Turn a collective that failed because another rank died or hung into a TrainingError."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not (self.is_distributed and is_peer_failure(exc)):
+                raise
+            raise TrainingError(
+                f"rank {self.rank}/{self.world_size}: {what} failed; another process probably died or "
+                f"stopped responding (collective timeout {self.timeout_s:g} s): {str(exc).splitlines()[0]}; "
+                "the first failing rank's log shows the cause"
+            ) from exc
+
+    def destroy(self) -> None:
+        """Tear the process group down (safe to call twice or with one process)."""
+        if self.backend is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _CallRouter(nn.Module):
+    """Routes ``router(*args, _call=name, **kwargs)`` to ``module.<name>(*args, **kwargs)``.
+
+    DDP only synchronises gradients of passes that go through its own ``forward``; this
+    lets any entry point of the wrapped module (not just ``forward``) take that path.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, _call: str = "forward", **kwargs: Any) -> Any:
+        return getattr(self.module, _call)(*args, **kwargs)
+
+
+def ddp_call(wrapped: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``module.<name>(*args, **kwargs)`` of a module returned by :meth:`DistEnv.wrap_ddp`.
+
+    With DDP the call goes through DDP's forward, so this pass's gradients are averaged
+    over ranks in the next backward; with one process it is a plain method call.
+
+    Example:
+        ``logits, out = ddp_call(wrapped, "forward_with_features", images, return_attn=True)``
+    """
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped(*args, _call=name, **kwargs)
+    return getattr(wrapped, name)(*args, **kwargs)
+
+
+def unwrap(wrapped: nn.Module) -> nn.Module:
+    """The module :meth:`DistEnv.wrap_ddp` was given."""
+    if isinstance(wrapped, DistributedDataParallel):
+        inner = wrapped.module
+        return inner.module if isinstance(inner, _CallRouter) else inner
+    return wrapped
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True when ``exc`` looks like a collective that failed on a dead or hung peer."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def no_sync(wrapped: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """Skip DDP's gradient all-reduce for the forward+backward inside (accumulation micro-steps)."""
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Indices of ``n`` items this rank handles: a strided shard, no padding, no duplicates."""
+    return range(rank, n, world_size)
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def launcher_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int, str]:
+    """Read rank, world size and local rank from torchrun's or SLURM's environment.
+
+    torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; a plain ``srun`` launch sets
+    ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID`` (``MASTER_ADDR`` and ``MASTER_PORT``
+    must then be exported by the batch script). Nothing set means one process.
+
+    Returns:
+        ``(rank, world_size, local_rank, launcher)`` with launcher in
+        ``{"torchrun", "slurm", "single"}``.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and _int_env(env, "SLURM_STEP_NUM_TASKS") > 1:
+        # SLURM_STEP_NUM_TASKS is set by srun only, so a command run straight in the batch
+        # script of a many-task allocation stays a single process instead of waiting forever.
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_STEP_NUM_TASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher = "slurm"
+    else:
+        return 0, 1, 0, "single"
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"inconsistent launcher environment: rank {rank}, world size {world}, local rank {local}")
+    if world > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+        if missing:
+            raise ConfigError(
+                f"{launcher} launch with {world} processes but {', '.join(missing)} not set; "
+                "export MASTER_ADDR (first node's host name) and MASTER_PORT (a free port) before srun"
+            )
+    return rank, world, local, launcher
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    choices = ("auto", "cpu", "cuda")
+    if device not in choices:
+        raise ConfigError(f"unknown device {device!r}; valid: {', '.join(choices)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use device=cpu or auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join the job this process was launched into (or stand alone) and pick its device.
+
+    Args:
+        device: ``"auto"`` (CUDA when visible, else CPU), ``"cpu"`` or ``"cuda"``; each
+            process takes the GPU of its local rank.
+        timeout_s: Seconds a collective may wait for the other ranks before raising; this
+            is what turns a dead or hung rank into an error instead of a hang.
+
+    Returns:
+        The :class:`DistEnv`; backend ``None`` for a single process, ``"nccl"`` on CUDA,
+        ``"gloo"`` otherwise.
+    """
+    if not timeout_s > 0:
+        raise ConfigError(f"distributed timeout must be > 0 seconds; got {timeout_s}")
+    rank, world, local, launcher = launcher_env()
+    dev = _resolve_device(device, local)
+    if world == 1:
+        return DistEnv(device=dev, timeout_s=timeout_s)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    logger.info("process group up: %s, rank %d of %d (%s), device %s", backend, rank, world, launcher, dev)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, timeout_s=timeout_s)
