@@ -1,0 +1,231 @@
+"""Evaluate a classifier on a list of evaluation sets (ImageNet, its shifts, user folders).
+
+Each set is read through a non-padded sharded loader (every image is scored by exactly
+one process), scored with its own protocol (class subset, multi-label sets; see
+:mod:`robustft.evaluation.metrics`), and the counts are summed over processes, so one
+process and N processes give the same numbers. Accuracies are in percent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from robustft.data.folder import check_bad_fraction
+from robustft.data.loaders import make_eval_loader
+from robustft.errors import ConfigError, DataError, choices_hint
+from robustft.evaluation.metrics import AccuracyMeter, Scorer
+
+if TYPE_CHECKING:
+    from robustft.data.datasets import EvalSet
+    from robustft.distributed import DistEnv
+
+__all__ = ["EvalResult", "PRECISIONS", "evaluate", "evaluate_set", "ood_average"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one classifier on one evaluation set.
+
+    Attributes:
+        dataset: The evaluation set's name (``imagenet``, ``imagenet-r``, a user folder name).
+        top1: Top-1 accuracy in percent, in [0, 100].
+        top5: Top-5 accuracy in percent, in [0, 100] (top-k over the allowed classes).
+        n: Number of images scored, over all processes.
+        n_bad: Number of unreadable images skipped (not counted in ``n``).
+        protocol: How the set is scored, e.g. ``"200-class subset"`` (from the EvalSet).
+    """
+
+    dataset: str
+    top1: float
+    top5: float
+    n: int
+    n_bad: int
+    protocol: str
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for ``precision``, chosen once per call of :func:`evaluate`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown evaluation precision {precision!r}; {choices_hint(precision, PRECISIONS)}")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _shard_size(loader: Iterable[Any]) -> int | None:
+    """Images this process will read (the progress bar's total), if the loader knows it."""
+    sampler = getattr(loader, "sampler", None)
+    try:
+        return len(sampler) if sampler is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _make_scorer(eval_set: EvalSet, num_classes: int, device: torch.device) -> Scorer:
+    return Scorer(eval_set.label_sets, num_classes, eval_set.class_indices, (1, 5), device)
+
+
+def _accumulate(
+    classifier: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    eval_set: EvalSet,
+    meter: AccuracyMeter,
+    autocast: contextlib.AbstractContextManager[Any],
+    bar: tqdm,
+    device: torch.device,
+) -> None:
+    """Score every batch of this process's shard into ``meter``."""
+    # Build the scorer before reading data when the head size is known, so a class list
+    # that does not fit the head fails on every rank at once (not only on ranks with data).
+    num_classes = getattr(classifier, "num_classes", None)
+    scorer = _make_scorer(eval_set, num_classes, device) if isinstance(num_classes, int) else None
+    no_counts = torch.zeros(2, dtype=torch.long, device=device)
+    for batch in loader:
+        images, n_bad = batch["image"], int(batch["n_bad"])
+        if images.shape[0] == 0:  # every image of the batch was unreadable
+            meter.update(no_counts, 0, n_bad)
+            bar.update(n_bad)
+            continue
+        images = images.to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast:
+            logits = classifier(images)
+        if scorer is None:
+            scorer = _make_scorer(eval_set, logits.shape[1], device)
+        meter.update(scorer(logits, labels), images.shape[0], n_bad)
+        bar.update(images.shape[0] + n_bad)
+
+
+def evaluate_set(
+    classifier: nn.Module,
+    eval_set: EvalSet,
+    *,
+    dist_env: DistEnv,
+    batch_size: int,
+    workers: int | None = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+    max_bad_fraction: float | None = None,
+) -> EvalResult:
+    """Evaluate on one set; see :func:`evaluate` (which sets eval and inference mode)."""
+    device = torch.device(dist_env.device)
+    autocast = _autocast(precision, device)
+    loader = make_eval_loader(
+        eval_set.dataset, batch_size=batch_size, workers=workers, rank=dist_env.rank, world_size=dist_env.world_size
+    )
+    meter = AccuracyMeter(ks=(1, 5), device=device)
+    show = progress and dist_env.is_primary
+    with tqdm(total=_shard_size(loader), desc=f"eval {eval_set.name}", unit="img", disable=not show,
+              dynamic_ncols=True) as bar:
+        _accumulate(classifier, loader, eval_set, meter, autocast, bar, device)
+    acc = meter.accuracies(dist_env)
+    if acc["n"] == 0:
+        raise DataError(f"evaluation set {eval_set.name!r} has no readable images ({acc['n_bad']} unreadable)")
+    if max_bad_fraction is not None:  # on the summed counts, so every rank decides alike
+        paths = eval_set.dataset.bad_paths() if hasattr(eval_set.dataset, "bad_paths") else []
+        check_bad_fraction(int(acc["n_bad"]), int(acc["n"] + acc["n_bad"]), max_bad_fraction, paths,
+                           what=eval_set.name)
+    result = EvalResult(dataset=eval_set.name, top1=acc["top1"], top5=acc["top5"], n=int(acc["n"]),
+                        n_bad=int(acc["n_bad"]), protocol=eval_set.protocol)
+    if dist_env.is_primary:
+        logger.info(
+            "%s: top-1 %.2f%%, top-5 %.2f%% on %d images (%s)%s",
+            result.dataset, result.top1, result.top5, result.n, result.protocol,
+            f", {result.n_bad} unreadable skipped" if result.n_bad else "",
+        )
+    return result
+
+
+def evaluate(
+    classifier: nn.Module,
+    eval_sets: Sequence[EvalSet],
+    *,
+    dist_env: DistEnv,
+    batch_size: int,
+    workers: int | None = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+    max_bad_fraction: float | None = None,
+) -> list[EvalResult]:
+    """Top-1 and top-5 accuracy of ``classifier`` on each evaluation set.
+
+    Every process must call this with the same sets (the counts are summed over
+    processes). The classifier is put in eval mode for the call and its training mode is
+    restored afterwards.
+
+    Args:
+        classifier: Maps images [B, 3, H, W] in [0, 1] to logits [B, C] (it normalises
+            internally), already on ``dist_env.device``.
+        eval_sets: The sets to evaluate, in order.
+        dist_env: Rank, world size and device of this process.
+        batch_size: Images per batch and process.
+        workers: Data-loading worker processes per process (0: load in this process,
+            None: one per spare core, see ``robustft.data.loaders.default_workers``).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the forward pass).
+        progress: Show a progress bar (images/s) on the primary process.
+        max_bad_fraction: Largest tolerated fraction of unreadable images per set, in
+            [0, 1] (more raises DataError listing them); None tolerates any number.
+
+    Returns:
+        One :class:`EvalResult` per set, in the order of ``eval_sets``.
+
+    Raises:
+        ConfigError: Unknown ``precision``.
+        DataError: A set has no readable image, or too many unreadable ones.
+        ModelError: The classifier's head does not fit a set's class list.
+    """
+    _autocast(precision, torch.device(dist_env.device))  # fail before reading any data
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        with torch.inference_mode():
+            return [
+                evaluate_set(
+                    classifier, eval_set, dist_env=dist_env, batch_size=batch_size,
+                    workers=workers, precision=precision, progress=progress,
+                    max_bad_fraction=max_bad_fraction,
+                )
+                for eval_set in eval_sets
+            ]
+    finally:
+        classifier.train(was_training)
+
+
+def ood_average(
+    results: Sequence[EvalResult],
+    id_name: str = "imagenet",
+    shift_names: Sequence[str] | None = None,
+) -> float:
+    """Mean top-1 (percent) over the distribution-shift sets.
+
+    Args:
+        results: Results of one classifier.
+        id_name: The in-distribution set, left out of the average.
+        shift_names: The shift sets to average (all must be present); None means every
+            set in ``results`` other than ``id_name``.
+
+    Raises:
+        DataError: A requested shift set is missing, or there is no shift set at all.
+    """
+    by_name = {r.dataset: r for r in results}
+    if shift_names is None:
+        shift_names = [name for name in by_name if name != id_name]
+    missing = [name for name in shift_names if name not in by_name]
+    if missing:
+        raise DataError(f"no result for shift set(s) {missing}; results cover {sorted(by_name)}")
+    if not shift_names:
+        raise DataError(f"no distribution-shift result to average (only {sorted(by_name)})")
+    return math.fsum(by_name[name].top1 for name in shift_names) / len(shift_names)
