@@ -22,6 +22,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["ROBUSTFT_CACHE"] = str(tmp_path_factory.mktemp("robustft-cache"))
 
 
+# Tiny models are overhead-bound: one thread is as fast and keeps a 2-core machine usable.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

@@ -105,7 +105,7 @@ class MethodConfig:
     task_weight: float = _ranged(1.0, 0.0)  # weight of the cross-entropy on clean images
     distill_weight: float = _ranged(30.0, 0.0)  # weight of the distillation term
     temperature: float = _ranged(10.0, 1e-6)  # KD temperature (kd methods)
-    masking: str = "ObjMaskSingleFill(0.3)"  # paper notation, see docs/masking.md
+    masking: str = ""  # paper notation, e.g. "ObjMaskSingleFill(0.3)"; "": the method's default
     cam: str = _choice("mmcam", "mmcam", "gradcam")
     cam_source: str = _choice("student", "student", "teacher")
     donors: str = _choice("permutation", "permutation", "derangement")

@@ -1,0 +1,198 @@
+"""`robustft eval`, `wise`, `report` and `datasets check`: evaluation from saved runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from robustft.data.datasets import EVAL_DATASETS, EvalSet, build_eval_set, build_folder_eval_set
+from robustft.data.layouts import check_layout, format_layout_table
+from robustft.distributed import DistEnv, init_distributed
+from robustft.errors import ConfigError, DataError, choices_hint
+from robustft.evaluation.evaluate import evaluate
+from robustft.evaluation.wise import wise_ft_sweep
+from robustft.model import ImageClassifier, load_classifier, save_classifier
+from robustft.ops.weights import parse_alphas
+from robustft.pipeline.data import IMAGENET_SUITE
+from robustft.pipeline.runs import git_sha
+from robustft.reports.plots import write_report
+from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
+from robustft.reports.tables import summary_table, to_markdown
+
+__all__ = ["SUITES", "run_eval", "run_wise", "run_report", "check_datasets", "resolve_eval_sets", "parse_pairs"]
+
+logger = logging.getLogger(__name__)
+
+SUITES = {"imagenet-shifts": IMAGENET_SUITE}
+
+
+def parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    """``["a=/x", "b=/y"]`` -> ``{"a": "/x", "b": "/y"}``; a clear error for a malformed item."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"{what} {item!r} must look like NAME=FOLDER")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def _requested(suite: str | None, datasets: str | None, meta: dict[str, Any]) -> list[str]:
+    if suite is not None:
+        if suite not in SUITES:
+            raise ConfigError(f"unknown suite {suite!r}; {choices_hint(suite, SUITES)}")
+        return list(SUITES[suite])
+    if datasets:
+        return [d.strip() for d in datasets.split(",") if d.strip()]
+    planned = meta.get("extra", {}).get("test_sets")
+    if planned:
+        return list(planned)
+    raise ConfigError("say what to evaluate: --suite imagenet-shifts or --dataset NAME[,NAME] "
+                      f"(registered: {', '.join(EVAL_DATASETS.names())}; or NAME=FOLDER for your own folder)")
+
+
+def resolve_eval_sets(names: list[str], meta: dict[str, Any], *, data_root: str | None, paths: dict[str, str],
+                      image_size: int) -> list[EvalSet]:
+    """Build the named evaluation sets for a classifier described by ``meta``.
+
+    A name is a registered release (found under ``data_root``), a test folder the run was
+    trained with (``id``, a shift of the synthetic world, an ``ood_folders`` entry), or
+    ``NAME=FOLDER`` for any class-per-folder test set.
+    """
+    extra = meta.get("extra", {})
+    known_folders: dict[str, str] = dict(extra.get("folders") or {})
+    classes = list(extra.get("folder_classes") or meta["classnames"])
+    sets = []
+    for item in names:
+        name, sep, folder = item.partition("=")
+        if sep:
+            sets.append(build_folder_eval_set(name, folder, train_classes=classes, image_size=image_size))
+        elif name in known_folders and name not in paths:
+            sets.append(build_folder_eval_set(name, known_folders[name], train_classes=classes, image_size=image_size))
+        elif name in EVAL_DATASETS:
+            if data_root is None and name not in paths:
+                raise DataError(f"{name}: give --data-root (the folder holding the releases) or --path {name}=FOLDER")
+            sets.append(build_eval_set(name, data_root, image_size=image_size, path_override=paths.get(name),
+                                       head_classnames=meta["classnames"]))
+        else:
+            valid = [*EVAL_DATASETS.names(), *known_folders]
+            raise ConfigError(f"unknown dataset {name!r}; {choices_hint(name, valid)} (or NAME=FOLDER)")
+    return sets
+
+
+def _device_env(device: str) -> DistEnv:
+    return init_distributed(device)
+
+
+def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | None = None,
+          alpha: float | None = None, config: dict[str, Any] | None = None) -> list[ResultRow]:
+    extra = meta.get("extra", {})
+    cfg = config if config is not None else extra.get("config")
+    seed = cfg.get("seed") if isinstance(cfg, dict) else None
+    return rows_from_results(results, run=run, method=method or extra.get("method", "unknown"),
+                             alpha=alpha if alpha is not None else extra.get("alpha"), config=cfg,
+                             git_sha=git_sha() or "unknown", seed=seed, classnames=meta["classnames"])
+
+
+def _table(rows: list[ResultRow]) -> str:
+    datasets = [r.dataset for r in rows]
+    id_name = next((d for d in ("imagenet", "id") if d in datasets), datasets[0])
+    return to_markdown(summary_table(rows, id_name))
+
+
+def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],
+             out: str, batch_size: int = 256, workers: int | None = None, device: str = "auto",
+             progress: bool = True) -> str:
+    """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``."""
+    overrides = parse_pairs(paths, "--path")
+    dist = _device_env(device)
+    try:
+        classifier, meta = load_classifier(run, device=dist.device)
+        names = _requested(suite, datasets, meta)
+        sets = resolve_eval_sets(names, meta, data_root=data_root, paths=overrides,
+                                 image_size=classifier.preprocess.image_size)
+        results = evaluate(classifier, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)
+        rows = _rows(results, meta, Path(run).name)
+        if dist.is_primary:
+            append_rows(out, rows)
+        return f"{_table(rows)}\nresults appended to {out}"
+    finally:
+        dist.destroy()
+
+
+def _wise_method(meta: dict[str, Any]) -> str:
+    base = meta.get("extra", {}).get("method", "ft")
+    return "wise-ft" if base in ("ft", "wise-ft") else f"wise-ft+{base}"
+
+
+def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | None, suite: str | None,
+             datasets: str | None, paths: list[str], out: str, save: str | None = None, batch_size: int = 256,
+             workers: int | None = None, device: str = "auto", progress: bool = True) -> str:
+    """Interpolate a zero-shot and a fine-tuned run at each alpha; evaluate each; keep the curve."""
+    alpha_list = parse_alphas(alphas)
+    overrides = parse_pairs(paths, "--path")
+    dist = _device_env(device)
+    try:
+        zs, zs_meta = load_classifier(zeroshot, device=dist.device)
+        ft, ft_meta = load_classifier(finetuned, device=dist.device)
+        if zs_meta["classnames"] != ft_meta["classnames"]:
+            raise ConfigError(f"{zeroshot} and {finetuned} have different class lists "
+                              f"({len(zs_meta['classnames'])} vs {len(ft_meta['classnames'])} classes); "
+                              "WiSE-FT needs the zero-shot run the fine-tuned one started from")
+        names = _requested(suite, datasets, ft_meta)
+        sets = resolve_eval_sets(names, ft_meta, data_root=data_root, paths=overrides,
+                                 image_size=ft.preprocess.image_size)
+        method, run = _wise_method(ft_meta), Path(finetuned).name
+
+        def eval_fn(model: ImageClassifier) -> list[Any]:
+            return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)
+
+        curve = wise_ft_sweep(zs, ft, alpha_list, eval_fn)
+        rows: list[ResultRow] = []
+        for alpha, results in curve:
+            rows += _rows(results, ft_meta, f"{run}@{alpha:.2f}", method=method, alpha=alpha)
+        if dist.is_primary:
+            append_rows(out, rows)
+            if save:
+                _save_curve(zs, ft, alpha_list, ft_meta, Path(save))
+        return f"{_table(rows)}\nWiSE-FT curve ({len(alpha_list)} alphas) appended to {out}"
+    finally:
+        dist.destroy()
+
+
+def _save_curve(zs: ImageClassifier, ft: ImageClassifier, alphas: list[float], meta: dict[str, Any],
+                folder: Path) -> None:
+    from robustft.ops.weights import interpolate_state_dicts
+
+    for alpha in alphas:
+        import copy
+
+        model = copy.deepcopy(zs)
+        model.load_state_dict(interpolate_state_dicts(zs.state_dict(), ft.state_dict(), alpha))
+        save_classifier(model, folder / f"alpha_{alpha:.2f}", model_name=meta["model_name"],
+                        pretrained=meta.get("pretrained", "none"), classnames=meta["classnames"],
+                        templates=meta.get("templates", []), extra={**meta.get("extra", {}), "alpha": alpha})
+
+
+def run_report(results: list[str], out: str, *, id_dataset: str | None = None) -> str:
+    """Tables and plots from results files."""
+    for path in results:
+        if not Path(path).is_file():
+            raise DataError(f"results file {path!r} does not exist; give the JSONL written by eval/wise/train/demo")
+    rows = read_rows(results)
+    if not rows:
+        raise DataError(f"no results rows in {', '.join(results)}")
+    files = write_report(rows, out, id_dataset=id_dataset)
+    table = files["markdown"].read_text(encoding="utf-8").split("![", 1)[0].replace("# Results", "").strip()
+    listing = "\n".join(f"  {kind}: {path}" for kind, path in files.items())
+    return f"{table}\n\nwritten:\n{listing}"
+
+
+def check_datasets(root: str, paths: list[str]) -> str:
+    """A table of which dataset releases are present and complete under ``root``."""
+    overrides = parse_pairs(paths, "--path")
+    if not Path(root).is_dir():
+        raise DataError(f"data root {root!r} does not exist; give the folder that holds the dataset releases")
+    reports = [check_layout(name, root, overrides.get(name)) for name in EVAL_DATASETS.names()]
+    return format_layout_table(reports)

@@ -1,0 +1,286 @@
+"""`robustft train`: one fine-tuning run from its config, end to end.
+
+The steps, in order: check the config and the data (nothing is written before that),
+load CLIP, build the zero-shot classifier (the student's start and the frozen teacher),
+train each of the method's stages with the shared loop, keep the best epoch on the
+held-out split, finalise (WiSE-FT interpolates), save the classifier(s), evaluate on the
+test sets and append results rows to ``RUN_DIR/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustft.config import RunConfig, config_hash, config_to_dict, dump_config
+from robustft.data.datasets import EvalSet
+from robustft.data.loaders import make_train_loader
+from robustft.data.synthetic import WorldConfig
+from robustft.distributed import DistEnv, init_distributed
+from robustft.engine.checkpoint import load_best, load_module_state
+from robustft.engine.settings import TrainSettings, per_rank_micro_batch
+from robustft.engine.trainer import fit
+from robustft.errors import ConfigError
+from robustft.evaluation.evaluate import evaluate
+from robustft.log import add_file_handler
+from robustft.methods import METHODS, MethodOptions, build_method
+from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, save_classifier
+from robustft.model.clip import ClipBundle
+from robustft.model.pretrain import load_or_pretrain_demo_clip
+from robustft.ops.masking import parse_masking
+from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
+from robustft.pipeline.runs import git_sha, prepare_run_dir
+from robustft.reports.results import append_rows, rows_from_results
+from robustft.safeio import load_tensors, save_tensors
+from robustft.reports.tables import summary_table, to_markdown
+
+__all__ = ["run_train", "run_cam_cache", "load_model", "method_options", "identity_of"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+_VOLATILE = ("checkpoint", "eval", "device", "dist_timeout_s")  # may change between a run and its resume
+
+
+def identity_of(cfg: RunConfig) -> str:
+    """Hash of what determines a run's numbers (not how often it checkpoints or where it runs)."""
+    data = {k: v for k, v in config_to_dict(cfg).items() if k not in _VOLATILE}
+    return config_hash(data)  # type: ignore[arg-type]
+
+
+def method_options(cfg: RunConfig, rank: int = 0) -> MethodOptions:
+    """The method options of ``cfg`` (validated)."""
+    m = cfg.method
+    return MethodOptions(
+        task_weight=m.task_weight, distill_weight=m.distill_weight, temperature=m.temperature,
+        masking=m.masking or None, cam=m.cam, cam_source=m.cam_source, donors=m.donors,
+        label_smoothing=m.label_smoothing, alphas=tuple(m.alphas), seed=cfg.seed, rank=rank,
+    )
+
+
+def load_model(cfg: RunConfig, dist: DistEnv, progress: bool = True) -> ClipBundle:
+    """Load ``cfg.model``; ``pretrained: world`` pretrains (once, cached) the demo CLIP."""
+    pretrained = cfg.model.pretrained
+    if pretrained == "world":
+        pretrained = dist.on_primary(
+            lambda: load_or_pretrain_demo_clip(WorldConfig(), progress=progress).pretrained)
+    torch.manual_seed(cfg.seed)  # random-init weights ("none") are part of what the seed reproduces
+    return load_clip(cfg.model.name, pretrained, device=dist.device, cache_dir=cfg.model.cache_dir)
+
+
+def _check_early(cfg: RunConfig, dist: DistEnv) -> int:
+    """Config checks that need no data or model; returns the per-rank micro-batch."""
+    cls = METHODS.get(cfg.method.name)
+    if not cls.trains:
+        raise ConfigError(f"method {cfg.method.name!r} does not train; build it with `robustft zeroshot` "
+                          "(and evaluate with `robustft eval`)")
+    method_options(cfg, dist.rank)
+    micro = per_rank_micro_batch(cfg.data.batch_size, dist.world_size, cfg.optim.accum_steps)
+    if cfg.method.masking:
+        spec = parse_masking(cfg.method.masking)
+        if micro < 2 and (spec.fill == "multi" or spec.donors == "derangement" or cfg.method.donors == "derangement"):
+            raise ConfigError(f"{spec} takes donors among the OTHER images of a micro-batch, but each process sees "
+                              f"{micro} image(s) per micro-batch; raise data.batch_size or lower optim.accum_steps")
+    return micro
+
+
+def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
+    o = cfg.optim
+    lp_stage = stage == "lp"
+    epochs = cfg.method.lp_epochs if lp_stage and n_stages > 1 else o.epochs
+    return TrainSettings(
+        epochs=epochs, lr=cfg.method.lp_lr if lp_stage else o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
+        warmup_frac=o.warmup, clip_grad_norm=o.clip_grad_norm, accum_steps=o.accum_steps, precision=o.precision,
+        checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep, seed=cfg.seed,
+    )
+
+
+def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfig, dist: DistEnv) -> Any:
+    if holdout is None:
+        return None
+
+    def evaluate_holdout(epoch: int) -> dict[str, float]:
+        (res,) = evaluate(student, [holdout], dist_env=dist, batch_size=cfg.data.eval_batch_size,
+                          workers=cfg.data.workers, precision=cfg.optim.precision, progress=False)
+        return {"top1": res.top1}
+
+    return evaluate_holdout
+
+
+def _teacher_cams(cfg: RunConfig, data: RunData, teacher: ImageClassifier | None, progress: bool) -> Any:
+    cls = METHODS.get(cfg.method.name)
+    if teacher is None or cfg.method.cam_source != "teacher" or not cls.accepts_teacher_cams:
+        return None
+    if cfg.data.train_augment:
+        logger.info("teacher CAMs computed every step: training augmentation makes them image-and-draw specific")
+        return None
+    spec = parse_masking(cfg.method.masking) if cfg.method.masking else None
+    if spec is not None and not spec.needs_cam:
+        return None
+    from robustft.methods.cam_cache import load_or_build_teacher_cam_cache
+
+    return load_or_build_teacher_cam_cache(
+        teacher, data.train, model_name=cfg.model.name, weights=cfg.model.pretrained, kind=cfg.method.cam,
+        batch_size=cfg.data.eval_batch_size, progress=progress)
+
+
+@dataclass
+class _Models:
+    student: ImageClassifier
+    teacher: ImageClassifier | None
+    zeroshot: ImageClassifier | None
+
+
+def _build_models(cfg: RunConfig, bundle: ClipBundle, data: RunData, progress: bool) -> _Models:
+    zeroshot = build_zeroshot_classifier(bundle, data.classnames, data.templates, progress=progress)
+    cls = METHODS.get(cfg.method.name)
+    needs_teacher = any(METHODS.get(s).needs_teacher for s in _stages(cfg)) or cls.needs_teacher
+    teacher = copy.deepcopy(zeroshot).eval().requires_grad_(False) if needs_teacher else None
+    keep = copy.deepcopy(zeroshot).eval().requires_grad_(False) if cfg.method.name == "wise-ft" else None
+    return _Models(student=zeroshot, teacher=teacher, zeroshot=keep)
+
+
+def _stages(cfg: RunConfig) -> list[str]:
+    """The stage names of ``cfg``'s method (LP-FT: ["lp", "ft"]), read without building it."""
+    probe = METHODS.get(cfg.method.name)
+    stages = probe.stages(probe.__new__(probe))  # stages() depends on the class, not on state
+    return list(stages)
+
+
+def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path, dist: DistEnv, micro: int,
+                  resume: bool, progress: bool, teacher_cams: Any) -> Any:
+    options = method_options(cfg, dist.rank)
+    top = build_method(cfg.method.name, models.student, models.teacher, options,
+                       teacher_cams=teacher_cams if len(_stages(cfg)) == 1 else None)
+    stages = top.stages()
+    for i, stage in enumerate(stages):
+        stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / f"{i + 1}-{stage}"
+        method = top if len(stages) == 1 else build_method(stage, models.student, models.teacher, options)
+        done = stage_dir / "stage_done"
+        if resume and done.is_file():
+            logger.info("stage %s had finished before; reusing its result", stage)
+            _load_final(method, stage_dir)
+            continue
+        loader = make_train_loader(data.train, batch_size=micro, workers=cfg.data.workers, rank=dist.rank,
+                                   world_size=dist.world_size, seed=cfg.seed)
+        logger.info("stage %d/%d: %s", i + 1, len(stages), stage)
+        result = fit(method, loader, _settings(cfg, stage, len(stages)), run_dir=stage_dir, dist_env=dist,
+                     resume=resume, evaluate=_holdout_fn(models.student, data.holdout, cfg, dist),
+                     progress=progress, config=config_to_dict(cfg))
+        best = load_best(stage_dir)
+        if best is not None and data.holdout is not None:
+            load_module_state(method.trainable_module(), best[0], source=str(stage_dir / "best"))
+            logger.info("kept the best epoch of stage %s (held-out top-1 %.2f%%)", stage, result.best_metric)
+        if dist.is_primary:  # the stage's outcome, so that --resume after it never retrains it
+            save_tensors(stage_dir / "final.safetensors", method.trainable_module().state_dict())
+            done.write_text("ok\n")
+    return top
+
+
+def _load_final(method: Any, stage_dir: Path) -> None:
+    tensors, _ = load_tensors(stage_dir / "final.safetensors")
+    load_module_state(method.trainable_module(), tensors, source=str(stage_dir / "final.safetensors"))
+
+
+def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData, run_dir: Path, dist: DistEnv,
+                       bundle: ClipBundle, progress: bool) -> list[Any]:
+    finals = top.finalize(models.student, models.zeroshot) if models.zeroshot is not None else {None: models.student}
+    templates = list(getattr(data, "template_list", []) or [])
+    rows: list[Any] = []
+    for alpha, classifier in finals.items():
+        out = run_dir if alpha is None else run_dir / "wise" / f"alpha_{alpha:.2f}"
+        if dist.is_primary:
+            save_classifier(classifier, out, model_name=cfg.model.name, pretrained=bundle.pretrained,
+                            classnames=data.classnames, templates=templates,
+                            extra={"method": cfg.method.name, "alpha": alpha, "config": config_to_dict(cfg),
+                                   "folders": data.folders, "folder_classes": data.folder_classes,
+                                   "test_sets": data.test_names})
+    if not cfg.eval.enabled:
+        return rows
+    image_size = bundle.preprocess.image_size
+    test_sets = build_test_sets(cfg, data, image_size, data.classnames)
+    for alpha, classifier in finals.items():
+        results = evaluate(classifier, test_sets, dist_env=dist, batch_size=cfg.data.eval_batch_size,
+                           workers=cfg.data.workers, precision=cfg.optim.precision, progress=progress,
+                           max_bad_fraction=cfg.data.max_bad_fraction)
+        rows += rows_from_results(results, run=cfg.name if alpha is None else f"{cfg.name}@{alpha:.2f}",
+                                  method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
+                                  git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames)
+    if dist.is_primary:
+        append_rows(run_dir / RESULTS_FILE, rows)
+    return rows
+
+
+def run_train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> str:
+    """Train ``cfg`` into the run folder ``out``; returns a printable summary."""
+    dist = init_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        return _run(cfg, Path(out), dist, resume, overwrite, progress)
+    finally:
+        dist.destroy()
+
+
+def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool, progress: bool) -> str:
+    start = time.perf_counter()
+    micro = _check_early(cfg, dist)
+    if cfg.data.train == "synthetic":
+        dist.on_primary(lambda: world_paths() and None)
+    bundle = load_model(cfg, dist, progress)
+    data = build_run_data(cfg, bundle.preprocess.image_size)
+    run_dir = Path(dist.on_primary(lambda: str(prepare_run_dir(
+        out, kind="train", identity=identity_of(cfg), overwrite=overwrite, resume=resume,
+        extra={"method": cfg.method.name, "name": cfg.name}))))
+    if dist.is_primary:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        add_file_handler(run_dir / "log.txt")
+    logger.info("run %s: method %s, model %s (%s), %d training images, %d process(es)\n%s", cfg.name,
+                cfg.method.name, cfg.model.name, bundle.pretrained, len(data.train), dist.world_size, dump_config(cfg))
+    if dist.device.type == "cpu" and dist.world_size > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
+    models = _build_models(cfg, bundle, data, progress)
+    data.template_list = _template_list(data)  # type: ignore[attr-defined]
+    teacher_cams = _teacher_cams(cfg, data, models.teacher, progress)
+    top = _train_stages(cfg, models, data, run_dir, dist, micro, resume, progress, teacher_cams)
+    rows = _save_and_evaluate(cfg, top, models, data, run_dir, dist, bundle, progress)
+    minutes = (time.perf_counter() - start) / 60
+    lines = [f"run {cfg.name} ({cfg.method.name}) finished in {minutes:.1f} min -> {run_dir}"]
+    if rows:
+        ids = [r.dataset for r in rows]
+        id_name = "imagenet" if "imagenet" in ids else ("id" if "id" in ids else ids[0])
+        lines.append(to_markdown(summary_table(rows, id_name)))
+        lines.append(f"results appended to {run_dir / RESULTS_FILE}")
+    return "\n".join(lines)
+
+
+def _template_list(data: RunData) -> list[str]:
+    from robustft.model import load_templates
+
+    return load_templates(data.templates)
+
+
+def run_cam_cache(cfg: RunConfig, progress: bool = True) -> str:
+    """`robustft cam-cache`: compute the frozen teacher's CAMs for ``cfg``'s training images."""
+    dist = init_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        if cfg.method.cam_source != "teacher":
+            raise ConfigError("cam-cache precomputes the frozen teacher's CAMs; set method.cam_source=teacher "
+                              "(the student's CAMs change every step and cannot be cached)")
+        if cfg.data.train == "synthetic":
+            world_paths()
+        bundle = load_model(cfg, dist, progress)
+        data = build_run_data(cfg, bundle.preprocess.image_size)
+        teacher = build_zeroshot_classifier(bundle, data.classnames, data.templates, progress=progress)
+        teacher.eval().requires_grad_(False)
+        cams = _teacher_cams(cfg, data, teacher, progress)
+        if cams is None:
+            raise ConfigError(f"method {cfg.method.name!r} with masking {cfg.method.masking!r} uses no CAM")
+        return f"teacher CAMs ready for {len(data.train)} images ({cfg.method.cam}, {tuple(cams.shape)})"
+    finally:
+        dist.destroy()
