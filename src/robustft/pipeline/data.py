@@ -144,7 +144,9 @@ def build_run_data(cfg: RunConfig, image_size: int) -> RunData:
         train_dir, folders = str(paths.splits["train"]), {"id": str(paths.splits["id"])}
         folders.update({s: str(paths.splits[s]) for s in SHIFTS})
         folders.update(_folder_tests(cfg, None, cfg.data.ood_folders))
-        classes_file, default_templates = str(paths.classnames), str(paths.templates)
+        # Class folders are the colour names; labels follow their sorted order, so the class
+        # names for prompts come from the folders too (classnames.txt is in world order).
+        classes_file, default_templates = None, str(paths.templates)
     else:
         if not cfg.data.train_dir:
             raise ConfigError("data.train = folder needs data.train_dir (an ImageFolder: one sub-folder per class)")
