@@ -8,6 +8,7 @@ error line). Heavy imports happen inside the handlers so that `robustft --help` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ __all__ = ["dispatch"]
 
 
 def _out(text: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, only rank 0 prints the summary
+        return
     sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
 
