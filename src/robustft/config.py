@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class DataConfig:
     """Training data, held-out validation split and evaluation sets."""
 
     train: str = "imagenet"  # "imagenet", "folder" (ImageFolder at train_dir) or "synthetic"
-    root: str = "data"  # data root holding the official releases (see docs/datasets.md)
+    root: str = "data"  # data root holding the official releases (see the README's Datasets section)
     train_dir: str | None = None  # ImageFolder of training images when train = folder
     val_dir: str | None = None  # ImageFolder of in-distribution test images (folder data)
     # Training images held out (stratified, seeded) to choose the best epoch; -1: 10,240 for
@@ -166,6 +167,14 @@ class RunConfig:
 # dict <-> dataclass with type checks
 
 
+_INT_LIMIT = 2**63
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -203,15 +212,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -_INT_LIMIT <= value < _INT_LIMIT:  # seeds and counts must fit torch's int64
+            raise ConfigError(f"{key}: {_short(value)} is too large; valid: a 64-bit integer")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = float(value) if isinstance(value, float) or abs(value) < _INT_LIMIT else math.inf
+        if not math.isfinite(number):  # NaN passes every range check and inf overflows step counts
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -289,11 +303,43 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
+_MAX_DEPTH = 32  # config trees are 3 levels deep; anything far deeper is a mistake or an attack
+_MAX_NODES = 100_000
+
+
+def _safe_load(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that raises only ConfigError (bad syntax, bad tagged values, alias bombs)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        # PyYAML's constructors raise these for values such as "2020-13-45" or "!!int x".
+        raise ConfigError(f"{source}: not valid YAML ({type(err).__name__}: {str(err)[:80]})") from None
+    _check_tree(data, source)
+    return data
+
+
+def _check_tree(data: Any, source: str) -> None:
+    """Refuse self-referring aliases (``&a [*a]``), absurd nesting and alias-expanded giants."""
+    budget = [_MAX_NODES]
+
+    def walk(node: Any, depth: int, path: frozenset[int]) -> None:
+        if not isinstance(node, (dict, list)):
+            return
+        if id(node) in path:
+            raise ConfigError(f"{source}: a YAML alias refers to the value that contains it; write the value out")
+        budget[0] -= 1
+        if depth > _MAX_DEPTH or budget[0] < 0:
+            raise ConfigError(f"{source}: nested too deeply or too large for a config (YAML aliases?)")
+        for child in node.values() if isinstance(node, dict) else node:
+            walk(child, depth + 1, path | {id(node)})
+
+    walk(data, 0, frozenset())
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    data = _safe_load(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -306,7 +352,8 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(preset)
     if preset.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {preset!r} does not exist; give a YAML path or one of: {', '.join(list_presets())}")
+            raise ConfigError(f"config file {preset!r} does not exist; give an existing YAML file or a preset name "
+                              "(`robustft presets` lists them)")
         try:
             text = path.read_text()
         except OSError as err:
@@ -344,11 +391,11 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    if not key or any(not p.strip() or p != p.strip() for p in parts):
-        raise ConfigError(f"override {text!r}: bad key {key!r}; expected dotted names like optim.lr")
+    if not key or len(parts) > _MAX_DEPTH or any(not p.strip() or p != p.strip() for p in parts):
+        raise ConfigError(f"override {_short(text)}: bad key {_short(key)}; expected dotted names like optim.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _safe_load(raw, f"override {text!r}") if raw.strip() else ""
+    except ConfigError:
         value = raw  # unparsable as YAML: keep the text; type checks follow
     if isinstance(value, str):
         value = _yaml_number(value)

@@ -197,4 +197,4 @@ def check_data_root(root: str) -> None:
     """A clear error when the data root is missing (used before long work)."""
     if not Path(root).is_dir():
         raise DataError(f"data root {root!r} does not exist; point data.root (or --data-root) at the folder "
-                        "holding the dataset releases (see docs/datasets.md)")
+                        "holding the dataset releases (see the README, 'Datasets')")
