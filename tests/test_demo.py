@@ -1,0 +1,33 @@
+"""`robustft demo --quick` end to end from a cold cache (the README's main job, abridged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from robustft.cli import main
+from robustft.reports.results import read_rows
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "demo finished in" in printed and "| ft-s0 |" in printed
+    rows = read_rows([out / "results.jsonl"])
+    methods = {r.method for r in rows}
+    assert {"zeroshot", "ft", "fd-refill", "wise-ft", "wise-ft+fd-refill"} <= methods
+    datasets = {r.dataset for r in rows}
+    assert {"id", "shuffled", "swapped", "sketch", "novel", "clutter"} <= datasets
+    assert all(0.0 <= r.top1 <= 100.0 and r.n == 600 for r in rows)
+    # WiSE endpoints reproduce the runs they interpolate.
+    by = {(r.run, r.dataset): r.top1 for r in rows}
+    assert by[("ft-s0@1.00", "swapped")] == pytest.approx(by[("ft-s0", "swapped")], abs=1e-6)
+    assert by[("ft-s0@0.00", "swapped")] == pytest.approx(by[("zeroshot", "swapped")], abs=1e-6)
+    for name in ("id_vs_ood.png", "shift_bars.png", "cam_grid.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG"
+    assert "| fd-refill-obj-s0 |" in (out / "report.md").read_text()
