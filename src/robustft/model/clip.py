@@ -116,7 +116,9 @@ def load_clip(
     tokenizer = _tokenizer(arch, cache_dir)
     model.eval()
     preprocess = _preprocess_of(model, arch)
-    logger.info("loaded %s (weights: %s) on %s", arch, weights_file or source, device)
+    # Random init is how saved classifiers are rebuilt before their tensors load: not news.
+    log = logger.debug if weights_file is None else logger.info
+    log("loaded %s (weights: %s) on %s", arch, weights_file or source, device)
     return ClipBundle(model=model, tokenizer=tokenizer, preprocess=preprocess, name=arch, pretrained=source)
 
 
