@@ -1,7 +1,7 @@
 """`robustft <command>`: parse the command line, call the pipeline, map errors to exit codes.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback, nothing written),
-130 interrupted by the user (a resumable checkpoint is kept), 1 anything else (a bug:
+130 interrupted by Ctrl-C or SIGTERM (a resumable checkpoint is kept), 1 anything else (a bug:
 the traceback is shown).
 """
 
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that exits with code 2 and a one-line message on bad usage (its default)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"robustft {self.prog.split()[-1]}: error: {message}\n(see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    return str(err).strip().replace("\n", " ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -158,12 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, rank=int(os.environ.get("RANK", "0")))
     from robustft import commands
+    from robustft.engine.signals import TrainingInterrupted
 
     try:
         return commands.dispatch(args) or 0
+    except TrainingInterrupted as err:  # a signal, not bad input: the checkpoint is kept for --resume
+        print(f"robustft {args.command}: interrupted: {_one_line(err)}", file=sys.stderr)
+        return 130
     except RobustFTError as err:
-        message = str(err).strip().replace("\n", " ")
-        print(f"robustft {args.command}: error: {message}", file=sys.stderr)
+        print(f"robustft {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"robustft {args.command}: interrupted", file=sys.stderr)

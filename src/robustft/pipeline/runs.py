@@ -102,6 +102,9 @@ def prepare_run_dir(
         if not existing.is_file():
             raise ConfigError(f"--resume: {str(out)!r} holds no run to resume; run without --resume first")
         info = read_run_info(out)
+        if info.get("kind") != kind:
+            raise ConfigError(f"--resume: {str(out)!r} holds a {info.get('kind')} run, not a {kind} run; "
+                              "give the --out of the interrupted run")
         if info.get("identity") != identity:
             raise ConfigError(
                 f"--resume: {str(out)!r} was started with a different config (hash {info.get('identity')}, now {identity}); "

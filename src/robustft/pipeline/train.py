@@ -26,13 +26,15 @@ from robustft.distributed import DistEnv, init_distributed
 from robustft.engine.checkpoint import load_best, load_module_state
 from robustft.engine.settings import TrainSettings, per_rank_micro_batch
 from robustft.engine.trainer import fit
-from robustft.errors import ConfigError
+from robustft.errors import ConfigError, ModelError
 from robustft.evaluation.evaluate import evaluate
 from robustft.log import add_file_handler
 from robustft.methods import METHODS, MethodOptions, build_method
+from robustft.methods._counterfactual import resolve_masking
 from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, save_classifier
 from robustft.model.clip import ClipBundle
 from robustft.model.pretrain import load_or_pretrain_demo_clip
+from robustft.model.vit import vit_unsupported_reason
 from robustft.ops.masking import parse_masking
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
 from robustft.pipeline.runs import git_sha, prepare_run_dir
@@ -80,14 +82,27 @@ def _check_early(cfg: RunConfig, dist: DistEnv) -> int:
     if not cls.trains:
         raise ConfigError(f"method {cfg.method.name!r} does not train; build it with `robustft zeroshot` "
                           "(and evaluate with `robustft eval`)")
-    method_options(cfg, dist.rank)
+    options = method_options(cfg, dist.rank)
     micro = per_rank_micro_batch(cfg.data.batch_size, dist.world_size, cfg.optim.accum_steps)
-    if cfg.method.masking:
-        spec = parse_masking(cfg.method.masking)
+    kinds = getattr(cls, "masking_kinds", ())
+    if kinds:  # a masked method: its strategy must fit it before the run folder is written
+        spec = resolve_masking(cfg.method.name, options, kinds, cls.default_masking)
         if micro < 2 and (spec.fill == "multi" or spec.donors == "derangement" or cfg.method.donors == "derangement"):
             raise ConfigError(f"{spec} takes donors among the OTHER images of a micro-batch, but each process sees "
                               f"{micro} image(s) per micro-batch; raise data.batch_size or lower optim.accum_steps")
     return micro
+
+
+def _check_vit(cfg: RunConfig, bundle: ClipBundle) -> None:
+    """A masked method needs a ViT image tower; fail before the run folder is written."""
+    cls = METHODS.get(cfg.method.name)
+    if not getattr(cls, "masking_kinds", ()):
+        return
+    reason = vit_unsupported_reason(bundle.model.visual)
+    if reason is not None:
+        raise ModelError(f"method {cfg.method.name!r} masks image patches, which needs a ViT image tower, but "
+                         f"{cfg.model.name!r}: {reason}; use a ViT model (e.g. ViT-B-32) or a method without "
+                         "masking (ft, fd, kd)")
 
 
 def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
@@ -233,6 +248,7 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     if cfg.data.train == "synthetic":
         dist.on_primary(lambda: world_paths() and None)
     bundle = load_model(cfg, dist, progress)
+    _check_vit(cfg, bundle)
     data = build_run_data(cfg, bundle.preprocess.image_size)
     run_dir = Path(dist.on_primary(lambda: str(prepare_run_dir(
         out, kind="train", identity=identity_of(cfg), overwrite=overwrite, resume=resume,

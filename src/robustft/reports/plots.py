@@ -220,8 +220,8 @@ def write_report(
     """
     id_dataset = id_dataset or default_id_dataset(rows)
     out = Path(out_dir)
+    table = summary_table(rows, id_dataset, shift_datasets)  # refuses incomparable rows before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    table = summary_table(rows, id_dataset, shift_datasets)
     files = {
         "id_vs_ood": plot_id_vs_ood(rows, out / "id_vs_ood.png", id_dataset=id_dataset, shift_datasets=shift_datasets),
         "shift_bars": plot_shift_bars(rows, out / "shift_bars.png", id_dataset=id_dataset,
