@@ -90,6 +90,9 @@ def _check_early(cfg: RunConfig, dist: DistEnv) -> int:
         if micro < 2 and (spec.fill == "multi" or spec.donors == "derangement" or cfg.method.donors == "derangement"):
             raise ConfigError(f"{spec} takes donors among the OTHER images of a micro-batch, but each process sees "
                               f"{micro} image(s) per micro-batch; raise data.batch_size or lower optim.accum_steps")
+    elif cfg.method.masking:
+        logger.warning("method %s does not mask images: method.masking=%r is ignored", cfg.method.name,
+                       cfg.method.masking)
     return micro
 
 
@@ -228,6 +231,8 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
                                   method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
                                   git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames)
     if dist.is_primary:
+        # The run's own rows are rewritten, so a --resume after the end never duplicates them.
+        (run_dir / RESULTS_FILE).unlink(missing_ok=True)
         append_rows(run_dir / RESULTS_FILE, rows)
     return rows
 

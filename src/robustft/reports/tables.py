@@ -249,8 +249,9 @@ def summary_table(
         metrics = [summary.stat(e, d) for d in (id_dataset, *summary.shift_datasets)]
         body.append((e.label, e.method, e.alpha, len(e.replicates), *metrics, summary.ood(e),
                      summary.eff_robustness(e)))
+    shifts = ", ".join(summary.shift_datasets) or "(no shift sets in these results)"
     notes = [f"Top-1 accuracy in %; in-distribution: {id_dataset}; {OOD_AVG} = mean of "
-             f"{', '.join(summary.shift_datasets)}; mean ± sample std over seeds where seeds > 1."]
+             f"{shifts}; mean ± sample std over seeds where seeds > 1."]
     if summary.fit is not None:
         notes.append(f"{EFF_ROB}: OOD avg minus the zero-shot baseline's prediction, in points; "
                      f"baseline: {summary.fit.describe()}.")
