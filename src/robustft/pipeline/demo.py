@@ -64,7 +64,9 @@ def demo_jobs(quick: bool, seeds: int) -> list[DemoJob]:
     ]
     if not quick:
         base[1:1] = [("lp", "lp", ()), ("lp-ft", "lp-ft", ()), ("fd", "fd", ())]
-        base += [("fd-refill-ctx", "fd-refill", ("method.masking=CtxMaskSingleFill(0.5)",)),
+        base += [("fd-refill-obj-teacher", "fd-refill", (f"method.masking={FLAGSHIP}", "method.cam_source=teacher",
+                                                         "method.cam=gradcam")),
+                 ("fd-refill-ctx", "fd-refill", ("method.masking=CtxMaskSingleFill(0.5)",)),
                  ("fd-refill-rand", "fd-refill", ("method.masking=RandMaskSingleFill(0.5)",))]
     quick_sets = ("optim.epochs=2",) if quick else ()
     return [DemoJob(f"{name}-s{seed}", method, overrides + quick_sets, seed)
