@@ -77,8 +77,10 @@ def test_load_or_pretrain_caches_and_second_call_does_not_train(tmp_path, monkey
     folder = tmp_path / "pretrained" / pt.pretrain_cache_key(WORLD, MICRO)
     assert (folder / "model.safetensors").is_file() and (folder / "meta.json").is_file()
     assert first.pretrained == str(folder / "model.safetensors") and first.name == pt.DEMO_ARCH
+    rng_state = torch.random.get_rng_state()
     second = pt.load_or_pretrain_demo_clip(WORLD, tmp_path, settings=MICRO, progress=False)
     assert len(calls) == 1  # loaded from the cache
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # the caller's RNG did not move
     sd1, sd2 = first.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert not second.model.training

@@ -204,3 +204,21 @@ def test_generation_speed_is_reported(record_property) -> None:
     per_image_ms = (time.perf_counter() - start) / 500 * 1e3
     record_property("ms_per_image", per_image_ms)
     print(f"synthetic world: {per_image_ms:.3f} ms per 64x64 image")
+
+
+def test_interrupted_write_leaves_no_half_world(tmp_path, monkeypatch) -> None:
+    cfg = syn.WorldConfig(n_train=6, n_test=6)
+    real = syn.make_split
+
+    def failing(c, split, *a, **k):
+        if split == "sketch":
+            raise KeyboardInterrupt
+        return real(c, split, *a, **k)
+
+    monkeypatch.setattr(syn, "make_split", failing)
+    with pytest.raises(KeyboardInterrupt):
+        syn.write_world(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    monkeypatch.setattr(syn, "make_split", real)
+    paths = syn.write_world(cfg, tmp_path / "w")
+    assert paths.world_json.is_file() and len(list(paths.splits["sketch"].glob("*/*.png"))) == 6

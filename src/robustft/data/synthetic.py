@@ -108,7 +108,7 @@ class WorldConfig:
     classes: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
     textures: tuple[str, ...] = TEXTURES
     shapes: tuple[str, ...] = SHAPES
-    rho: float = 0.99
+    rho: float = 0.98
     pretrain_radius: Range = (4.0, 24.0)
     pretrain_opacity: Range = (0.45, 1.0)
     finetune_radius: Range = (3.5, 5.0)
@@ -499,37 +499,51 @@ def write_world(cfg: WorldConfig, out_dir: str | Path | None = None) -> WorldPat
     """Write every split as an ImageFolder tree ``out_dir/<split>/<classname>/<i>.png``.
 
     Also writes ``classnames.txt``, ``templates.txt`` and ``world.json``. Skips the work
-    when ``out_dir`` already holds this config and ``WORLD_VERSION``.
+    when ``out_dir`` already holds this config and ``WORLD_VERSION``. The world is built in
+    a temporary sibling folder and renamed into place, so a reader (or a concurrent writer)
+    never sees half a world.
 
     Args:
         cfg: The world.
         out_dir: Target folder; defaults to ``default_cache_dir()/worlds/<cfg.key()>``.
 
     Raises:
-        DataError: ``out_dir`` holds files that this function did not write.
+        DataError: ``out_dir`` holds files but no ``world.json`` (it is not a world folder).
     """
     root = Path(out_dir) if out_dir is not None else default_cache_dir() / "worlds" / cfg.key()
     paths = WorldPaths(root=root, splits={s: root / s for s in SPLITS}, classnames=root / "classnames.txt",
                        templates=root / "templates.txt", world_json=root / "world.json")
-    meta, marker = _world_meta(cfg), root / ".incomplete"
-    if paths.world_json.is_file() and not marker.exists():
-        if json.loads(paths.world_json.read_text()) == json.loads(json.dumps(meta)):
-            logger.info("world %s already at %s", cfg.key(), root)
-            return paths
-    if root.is_dir() and any(root.iterdir()) and not (paths.world_json.exists() or marker.exists()):
+    meta = json.loads(json.dumps(_world_meta(cfg)))  # as it reads back from disk (tuples become lists)
+    if _holds(paths.world_json, meta):
+        logger.info("world %s already at %s", cfg.key(), root)
+        return paths
+    if root.is_dir() and any(root.iterdir()) and not paths.world_json.is_file():
         raise DataError(f"{root} is not empty and holds no world.json; choose an empty or new folder")
-    root.mkdir(parents=True, exist_ok=True)
-    marker.touch()  # a crash from here on leaves the marker, so the next call rewrites the folder
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     for split in SPLITS:
-        shutil.rmtree(paths.splits[split], ignore_errors=True)
         data = make_split(cfg, split)
         for c in cfg.classes:
-            (paths.splits[split] / c).mkdir(parents=True)
+            (tmp / split / c).mkdir(parents=True)
         for i, (img, y) in enumerate(zip(data.images, data.labels)):
-            Image.fromarray(img).save(paths.splits[split] / cfg.classes[y] / f"{i:05d}.png", compress_level=1)
-    paths.classnames.write_text("\n".join(cfg.classes) + "\n")
-    paths.templates.write_text("\n".join(TEMPLATES) + "\n")
-    paths.world_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    marker.unlink()
+            Image.fromarray(img).save(tmp / split / cfg.classes[y] / f"{i:05d}.png", compress_level=1)
+    (tmp / "classnames.txt").write_text("\n".join(cfg.classes) + "\n")
+    (tmp / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    (tmp / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if root.is_dir():  # an older world (checked above) or an empty folder: replace it
+        shutil.rmtree(root)
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not _holds(paths.world_json, meta):  # not another process finishing the same world first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote world %s to %s", cfg.key(), root)
     return paths
+
+
+def _holds(world_json: Path, meta: dict) -> bool:
+    try:
+        return json.loads(world_json.read_text()) == meta
+    except (OSError, ValueError):
+        return False

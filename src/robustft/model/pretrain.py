@@ -187,7 +187,7 @@ def _train(bundle: ClipBundle, world: WorldConfig, s: PretrainSettings, device: 
     opt, sched = _optimizer(model, s)
     monitor = _monitor_sets(world, bundle, s.monitor_size)
     history: list[dict[str, Any]] = []
-    start, zs = time.perf_counter(), {}
+    start, cpu_start, zs = time.perf_counter(), time.process_time(), {}
     bar = tqdm(range(s.steps), desc="pretrain tiny CLIP", disable=not progress, leave=False)
     for step in bar:
         images, captions = make_pretraining_pairs(world, s.batch_size, seed=s.seed * 1_000_003 + step)
@@ -207,7 +207,8 @@ def _train(bundle: ClipBundle, world: WorldConfig, s: PretrainSettings, device: 
             logger.info("pretrain step %d/%d loss %.3f zero-shot %s", step + 1, s.steps, loss.item(), zs)
         history.append(row)
         bar.set_postfix(loss=f"{loss.item():.3f}", **{f"zs_{k}": f"{v:.2f}" for k, v in zs.items()})
-    metrics = {"seconds": round(time.perf_counter() - start, 1), "final_loss": history[-1]["loss"],
+    metrics = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
+               "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"],
                "zeroshot": zs, "logit_scale": round(model.logit_scale.exp().item(), 2), "history": history}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state, metrics
@@ -256,7 +257,8 @@ def load_or_pretrain_demo_clip(world_cfg: WorldConfig, cache_dir: str | Path | N
         logger.info("loading the pretrained %s from %s", settings.arch, folder)
     if settings.arch == DEMO_ARCH and DEMO_ARCH not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_FILE)
-    bundle = load_clip(settings.arch, str(weights), device=device)
+    with torch.random.fork_rng(devices=[]):  # open_clip's random init before loading must not move the caller's RNG
+        bundle = load_clip(settings.arch, str(weights), device=device)
     return replace(bundle, pretrained=str(weights))
 
 
