@@ -15,6 +15,13 @@ names, and adds:
 
 Without ``return_attn`` attention runs through ``F.scaled_dot_product_attention``; both
 paths give the same features to float tolerance.
+
+With CLS pooling (``pool_type="tok"``) the last block computes its attention output,
+out_proj and MLP for the CLS token only (and, on the fused path, only the CLS query): the
+pooled feature reads nothing else from that block, so the other tokens' outputs would be
+discarded (about 7% of the FLOPs of a ViT-B forward and backward). Keys and values still
+come from every token, and ``return_attn`` still returns the last layer's full map (whose
+non-CLS rows get zero gradient either way), so features, maps and gradients are the same.
 """
 
 from __future__ import annotations
@@ -106,12 +113,15 @@ def vit_forward(
     use_ckpt = visual.transformer.grad_checkpointing and torch.is_grad_enabled() and not (return_attn or return_ln1)
     attn_maps: list[Tensor] = []
     ln1: Tensor | None = None
+    # Only CLS leaves the last block when it is pooled.
+    cls_last = visual.pool_type == "tok"
     for i, blk in enumerate(blocks):
-        keep_ln1 = return_ln1 and i == len(blocks) - 1
+        last = i == len(blocks) - 1
+        keep_ln1 = return_ln1 and last
         if use_ckpt:
-            x = checkpoint(_block_plain, blk, x, allowed, use_reentrant=False)
+            x = checkpoint(_block_plain, blk, x, allowed, last and cls_last, use_reentrant=False)
             continue
-        x, attn, h = _block(blk, x, allowed, explicit=return_attn)
+        x, attn, h = _block(blk, x, allowed, explicit=return_attn, cls_only=last and cls_last)
         if return_attn:
             attn_maps.append(attn)
         if keep_ln1:
@@ -166,22 +176,25 @@ def _allowed_keys(
 
 
 def _block(
-    blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor | None, *, explicit: bool
+    blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor | None, *, explicit: bool, cls_only: bool = False
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """One pre-norm residual block; returns (output, attention or None, ln_1 output)."""
+    """One pre-norm residual block; returns (output, attention or None, ln_1 output).
+
+    With ``cls_only`` the output is [B, 1, W]: the CLS token's, computed from all keys.
+    """
     h = blk.ln_1(x)
-    out, attn = _attention(blk.attn, h, allowed, explicit=explicit)
-    x = x + blk.ls_1(out)
+    out, attn = _attention(blk.attn, h, allowed, explicit=explicit, cls_only=cls_only)
+    x = (x[:, :1] if cls_only else x) + blk.ls_1(out)
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     return x, attn, h
 
 
-def _block_plain(blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor | None) -> Tensor:
-    return _block(blk, x, allowed, explicit=False)[0]
+def _block_plain(blk: ResidualAttentionBlock, x: Tensor, allowed: Tensor | None, cls_only: bool = False) -> Tensor:
+    return _block(blk, x, allowed, explicit=False, cls_only=cls_only)[0]
 
 
 def _attention(
-    mha: nn.MultiheadAttention, h: Tensor, allowed: Tensor | None, *, explicit: bool
+    mha: nn.MultiheadAttention, h: Tensor, allowed: Tensor | None, *, explicit: bool, cls_only: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-head self-attention from ``nn.MultiheadAttention`` weights.
 
@@ -190,26 +203,47 @@ def _attention(
         h: [B, L, W] normalised tokens.
         allowed: [B, 1, 1, L] bool key mask or None.
         explicit: Materialise the post-softmax attention (needed for attention maps).
+        cls_only: Output the CLS token only ([B, 1, W]); keys and values are still every
+            token, and an explicit map is still the full [B, heads, L, L].
 
     Returns:
-        ([B, L, W] output after out_proj, [B, heads, L, L] attention or None).
+        ([B, L, W] output after out_proj ([B, 1, W] with ``cls_only``),
+        [B, heads, L, L] attention or None).
     """
     batch, length, width = h.shape
     heads = mha.num_heads
+    p_drop = mha.dropout if mha.training else 0.0
+    if cls_only and not explicit:
+        return _cls_attention(mha, h, allowed, p_drop), None
     qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    p_drop = mha.dropout if mha.training else 0.0
     attn: Tensor | None = None
     if explicit:
         scores = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)  # [B, heads, L, L]
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         attn = scores.softmax(dim=-1)
-        out = (F.dropout(attn, p_drop) if p_drop > 0 else attn) @ v
+        probs = F.dropout(attn, p_drop) if p_drop > 0 else attn
+        out = (probs[:, :, :1] if cls_only else probs) @ v
+        length = 1 if cls_only else length
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)
     out = out.transpose(1, 2).reshape(batch, length, width)
     return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), attn
+
+
+def _cls_attention(mha: nn.MultiheadAttention, h: Tensor, allowed: Tensor | None, p_drop: float) -> Tensor:
+    """The CLS row of :func:`_attention`'s fused path: [B, L, W] tokens -> [B, 1, W]."""
+    batch, length, width = h.shape
+    heads = mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q = F.linear(h[:, :1], w[:width], None if b is None else b[:width])  # [B, 1, W]
+    kv = F.linear(h, w[width:], None if b is None else b[width:])  # [B, L, 2W]
+    q = q.view(batch, 1, heads, width // heads).transpose(1, 2)
+    k, v = kv.view(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)  # [B, heads, 1, d]
+    out = out.transpose(1, 2).reshape(batch, 1, width)
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
 
 
 def _pool(visual: VisionTransformer, x: Tensor) -> Tensor:

@@ -1,0 +1,89 @@
+"""benchmarks/step_cost.py works end to end on robustft-tiny (a smoke test, not a timed test)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REQUIRED = ("method", "masking", "cam_source", "images_per_s", "ratio_to_ft", "peak_mem_mb")
+
+
+@pytest.fixture()
+def step_cost(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    # On sys.path (not loaded from a file spec) so that spawned memory children can import it.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("step_cost")
+
+
+def test_main_times_every_case_and_writes_json_records(step_cost: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    records = step_cost.main(["--model", "robustft-tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                              "--threads", "1", "--methods", "flagship", "flagship-cached", "rand", "fd",
+                              "--memory", "none", "--breakdown-steps", "1", "--eval-repeats", "1",
+                              "--json", str(out)])
+    by_case = {r["case"]: r for r in records}
+    assert list(by_case) == ["ft", "flagship", "flagship-cached", "rand", "fd"]  # ft added and first
+    assert by_case["ft"]["ratio_to_ft"] == pytest.approx(1.0)
+    for r in records:
+        assert r["images_per_s"] > 0 and math.isfinite(r["ratio_to_ft"]) and r["ratio_to_ft"] > 0
+        assert len(r["step_times_s"]) == 2
+    assert (by_case["flagship"]["cam_source"], by_case["flagship"]["cam_cache"]) == ("student", False)
+    assert (by_case["flagship-cached"]["cam_source"], by_case["flagship-cached"]["cam_cache"]) == ("teacher", True)
+    assert by_case["rand"]["masking"] == "RandMaskSingleFill(0.5)" and by_case["rand"]["cam_source"] is None
+    # The phase breakdown saw the real method calls: two student passes and a teacher pass for
+    # the flagship, one student pass and no teacher for ft.
+    flagship = by_case["flagship"]["phases_s"]
+    for phase in ("student clean forward", "cam", "masking", "teacher forward", "student cf forward", "backward",
+                  "optimizer"):
+        assert phase in flagship
+    assert "teacher forward" not in by_case["ft"]["phases_s"]
+    assert "student cf forward" not in by_case["fd"]["phases_s"]
+    assert "cam" not in by_case["rand"]["phases_s"] and "cam" in by_case["flagship-cached"]["phases_s"]
+    # Exclusive phase times (process CPU time here) add up to the step, less only the timer calls.
+    for r in records:
+        step = r["phases_s"]["(step)"]
+        accounted = sum(v for k, v in r["phases_s"].items() if k != "(step)")
+        assert all(v >= 0 for v in r["phases_s"].values())
+        assert 0.7 * step <= accounted <= step * 1.001 + 1e-4, (r["case"], accounted, step)
+    written = json.loads(out.read_text())
+    assert isinstance(written, list) and len(written) == len(records)
+    for r in written:
+        assert all(key in r for key in REQUIRED)
+        assert r["run"]["eval_forward"]["robustft_images_per_s"] > 0
+
+
+def test_peak_memory_is_measured_in_a_fresh_child(step_cost: ModuleType) -> None:
+    args = argparse.Namespace(model="robustft-tiny", batch=4, device="cpu", precision="fp32", threads=1, seed=0,
+                              mem_steps=2, mem_jobs=2)
+    case = step_cost.PRESETS["flagship-cached"]  # one child (a spawn costs seconds): the case with most parts
+    memory = step_cost.memory_table([case], args, 32)
+    assert 0 < memory[case.key]["peak_mem_mb"] < 4096
+    assert "before the models were built" in memory[case.key]["mem_method"]
+
+
+def test_case_parsing() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        step_cost = importlib.import_module("step_cost")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    case = step_cost.parse_case("fd-refill@CtxMaskSingleFill(0.5)@teacher-cache")
+    assert (case.method, case.masking, case.cam_source, case.cached) == ("fd-refill", "CtxMaskSingleFill(0.5)",
+                                                                         "teacher", True)
+    assert step_cost.parse_case("kd").method == "kd"
+    assert [c.key for c in step_cost.resolve_cases(["rand", "fd", "rand"])] == ["ft", "rand", "fd"]
+    assert {c.key for c in step_cost.resolve_cases(["all"])} == set(step_cost.PRESETS)
+    with pytest.raises(SystemExit):
+        step_cost.parse_case("fd-refill@ObjMaskSingleFill(0.3)@nobody")
+    # Cases share one student, so a method that freezes part of it is refused.
+    with pytest.raises(SystemExit, match="trains only part"):
+        step_cost.main(["--model", "robustft-tiny", "--batch", "2", "--steps", "1", "--threads", "1",
+                        "--methods", "lp", "--memory", "none", "--eval-repeats", "0"])
