@@ -145,7 +145,7 @@ def _teacher_cams(cfg: RunConfig, data: RunData, teacher: ImageClassifier | None
 
     return load_or_build_teacher_cam_cache(
         teacher, data.train, model_name=cfg.model.name, weights=cfg.model.pretrained, kind=cfg.method.cam,
-        batch_size=cfg.data.eval_batch_size, progress=progress)
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.workers, progress=progress)
 
 
 @dataclass
