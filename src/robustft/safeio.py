@@ -25,6 +25,7 @@ from robustft.errors import CheckpointError
 
 __all__ = [
     "atomic_write_bytes",
+    "fsync_dir",
     "atomic_write_text",
     "save_tensors",
     "load_tensors",
@@ -60,10 +61,10 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)

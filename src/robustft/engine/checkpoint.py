@@ -33,7 +33,15 @@ from torch import nn
 
 from robustft.engine.state import from_jsonable, to_jsonable
 from robustft.errors import CheckpointError, RobustFTError
-from robustft.safeio import atomic_write_bytes, atomic_write_text, load_tensors, read_json, save_tensors, write_json
+from robustft.safeio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -149,19 +157,6 @@ def remove_stale_temporaries(run_dir: PathLike) -> None:
                     os.replace(path, original)
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_folder_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``final``."""
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
@@ -170,7 +165,7 @@ def _write_folder_atomically(final: Path, write: Callable[[Path], None]) -> None
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        _fsync_folder(tmp)
+        fsync_dir(tmp)
         if final.exists():
             os.replace(final, old)  # a folder cannot be renamed over a non-empty one
         try:
@@ -183,7 +178,7 @@ def _write_folder_atomically(final: Path, write: Callable[[Path], None]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_folder(final.parent)
+    fsync_dir(final.parent)
 
 
 def flatten_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robustft.provenance import git_sha
 from robustft.errors import CheckpointError
 
 __all__ = [
@@ -128,28 +129,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(_as_tensor(state["cuda"]))
 
 
-def _git_sha() -> str | None:
-    """The commit the package runs from, read from .git without running git."""
-    for folder in Path(__file__).resolve().parents:
-        head = folder / ".git" / "HEAD"
-        if head.is_file():
-            try:
-                ref = head.read_text().strip()
-                if not ref.startswith("ref: "):
-                    return ref or None
-                target = folder / ".git" / ref[5:]
-                if target.is_file():
-                    return target.read_text().strip() or None
-                packed = folder / ".git" / "packed-refs"
-                for line in packed.read_text().splitlines() if packed.is_file() else []:
-                    if line.endswith(" " + ref[5:]):
-                        return line.split(" ", 1)[0]
-            except OSError:
-                return None
-            return None
-    return None
-
-
 def provenance() -> dict[str, Any]:
     """Versions and git SHA recorded in every checkpoint."""
     try:
@@ -160,5 +139,5 @@ def provenance() -> dict[str, Any]:
         robustft_version = None
     return {
         "versions": {"robustft": robustft_version, "torch": torch.__version__, "python": platform.python_version()},
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
     }

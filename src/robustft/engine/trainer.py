@@ -132,6 +132,13 @@ class _Run:
         self.autocast: Any = (torch.autocast(dist_env.device.type, dtype=torch.bfloat16)
                               if settings.precision == "bf16" else contextlib.nullcontext())
 
+    @property
+    def _log(self) -> TrainLog:
+        """The run's log; it exists once :meth:`prepare` has run."""
+        if self.log is None:
+            raise RuntimeError("the training log is created by prepare(); call it before training")
+        return self.log
+
     # ---------------------------------------------------------------- set-up
     def prepare(self, resume: bool, progress: bool) -> None:
         """Check the folder, load a checkpoint, wrap in DDP, build optimizer and schedule."""
@@ -298,8 +305,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        assert self.log is not None
-        self.log.add(terms, images)
+        self._log.add(terms, images)
         return stop
 
     def _check(self, terms: Mapping[str, Tensor], norm: Tensor | None) -> bool:
@@ -321,9 +327,8 @@ class _Run:
         return bool(stop)
 
     def _after_step(self, *, last_in_epoch: bool, stop: bool) -> None:
-        assert self.log is not None
-        if self.log.due(self.step):
-            self.log.emit(self.step, self.epoch, self.optimizer)
+        if self._log.due(self.step):
+            self._log.emit(self.step, self.epoch, self.optimizer)
         every = self.s.checkpoint_every
         saved = bool(every) and self.step % every == 0 and not last_in_epoch
         if saved:
@@ -362,15 +367,13 @@ class _Run:
             weights = self.method.trainable_module().state_dict()  # type: ignore[operator]
             meta = {**self.best, "metrics": record, "config": self.config}
             self.dist.on_primary(lambda: save_best(self.run_dir, weights, meta))
-        assert self.log is not None
         if self.dist.is_primary:
-            self.log.log_eval(self.step, self.epoch, metrics, best=is_best)
+            self._log.log_eval(self.step, self.epoch, metrics, best=is_best)
             logger.info("epoch %d: %s = %.4f%s", self.epoch, key, value, " (best so far)" if is_best else "")
 
     def _save(self) -> None:
-        assert self.log is not None
         extra = self.method.extra_state() if hasattr(self.method, "extra_state") else {}  # type: ignore[operator]
-        mine = {"rng": capture_rng_state(), "method": to_jsonable(extra), "log_window": self.log.window_state()}
+        mine = {"rng": capture_rng_state(), "method": to_jsonable(extra), "log_window": self._log.window_state()}
         ranks = self.dist.all_gather_object(mine)
         state = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,

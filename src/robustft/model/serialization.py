@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from open_clip.transformer import QuickGELU
 
 import robustft
+from robustft.provenance import git_sha
 from robustft.errors import CheckpointError, ModelError
 from robustft.model.classifier import ClassifierHead, ImageClassifier
 from robustft.model.clip import load_clip
@@ -72,7 +72,7 @@ def save_classifier(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "robustft_version": robustft.__version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "model_name": model_name,
         "pretrained": pretrained,
         "preprocess": classifier.preprocess.to_dict(),
@@ -179,20 +179,3 @@ def _state_mismatches(expected: Mapping[str, torch.Tensor], found: Mapping[str, 
         elif got.dtype != want.dtype:
             problems.append(f"{name!r} has dtype {got.dtype}, expected {want.dtype}")
     return problems
-
-
-def _git_sha() -> str | None:
-    """Commit of the robustft source tree, or None outside a git checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = result.stdout.strip()
-    return sha if result.returncode == 0 and sha else None

@@ -14,13 +14,13 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from robustft import __version__
+from robustft.provenance import git_sha
 from robustft.errors import CheckpointError, ConfigError
 from robustft.safeio import read_json, write_json
 
@@ -29,19 +29,6 @@ __all__ = ["RUN_FILE", "git_sha", "versions", "prepare_run_dir", "read_run_info"
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-
-
-def git_sha() -> str | None:
-    """The git commit of the robustft source tree, when it is a checkout; else None."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
 
 
 def versions() -> dict[str, str]:

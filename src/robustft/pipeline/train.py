@@ -31,7 +31,7 @@ from robustft.evaluation.evaluate import evaluate
 from robustft.log import add_file_handler
 from robustft.methods import METHODS, MethodOptions, build_method
 from robustft.methods._counterfactual import resolve_masking
-from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, save_classifier
+from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, load_templates, save_classifier
 from robustft.model.clip import ClipBundle
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
@@ -209,7 +209,7 @@ def _load_final(method: Any, stage_dir: Path) -> None:
 def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData, run_dir: Path, dist: DistEnv,
                        bundle: ClipBundle, progress: bool) -> list[Any]:
     finals = top.finalize(models.student, models.zeroshot) if models.zeroshot is not None else {None: models.student}
-    templates = list(getattr(data, "template_list", []) or [])
+    templates = load_templates(data.templates)
     rows: list[Any] = []
     for alpha, classifier in finals.items():
         out = run_dir if alpha is None else run_dir / "wise" / f"alpha_{alpha:.2f}"
@@ -266,7 +266,6 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     if dist.device.type == "cpu" and dist.world_size > 1:
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
     models = _build_models(cfg, bundle, data, progress)
-    data.template_list = _template_list(data)  # type: ignore[attr-defined]
     teacher_cams = _teacher_cams(cfg, data, models.teacher, progress)
     top = _train_stages(cfg, models, data, run_dir, dist, micro, resume, progress, teacher_cams)
     rows = _save_and_evaluate(cfg, top, models, data, run_dir, dist, bundle, progress)
@@ -278,12 +277,6 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
         lines.append(to_markdown(summary_table(rows, id_name)))
         lines.append(f"results appended to {run_dir / RESULTS_FILE}")
     return "\n".join(lines)
-
-
-def _template_list(data: RunData) -> list[str]:
-    from robustft.model import load_templates
-
-    return load_templates(data.templates)
 
 
 def run_cam_cache(cfg: RunConfig, progress: bool = True) -> str:
