@@ -71,10 +71,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustft.engine.optim import build_optimizer
+from robustft.engine.optim import build_optimizer, default_param_groups
 from robustft.methods import METHODS, MethodOptions, build_method
-from robustft.methods.base import Method
+from robustft.methods.base import Method, feature_loss, task_loss
 from robustft.model import ClassifierHead, ImageClassifier, compute_cam, load_clip
+from robustft.ops.cam import normalize_cam
+from robustft.ops.masking import build_counterfactual, make_generator, parse_masking
 
 NUM_CLASSES = 1000
 POOL_BATCHES = 4  # distinct synthetic batches cycled through (the CAM cache covers them all)
@@ -91,6 +93,8 @@ class Case:
         masking: Masking strategy (paper notation) or None.
         cam_source: ``"student"``, ``"teacher"`` or None (no CAM).
         cached: The teacher CAM comes from a precomputed cache (``teacher_cams``).
+        reference: Run the reference implementation's pass sequence (:class:`ReferenceSequence`)
+            instead of the registered method's.
     """
 
     key: str
@@ -98,6 +102,7 @@ class Case:
     masking: str | None = None
     cam_source: str | None = None
     cached: bool = False
+    reference: bool = False
 
     @property
     def source_label(self) -> str:
@@ -117,8 +122,12 @@ PRESETS: dict[str, Case] = {c.key: c for c in (
     Case("kd-refill", "kd-refill", "ObjMaskSingleFill(0.3)", "student"),
     Case("tokendrop", "fd-tokendrop", "RandMaskNoFill(0.75)"),
     Case("attnmask", "fd-attnmask", "ObjMaskNoFill(0.3)", "student"),
+    Case("ref-fd", "fd", reference=True),
+    Case("ref-rand", "fd-refill", "RandMaskSingleFill(0.5)", reference=True),
+    Case("ref-flagship", "fd-refill", "ObjMaskSingleFill(0.3)", "student", reference=True),
 )}
 DEFAULT_CASES = ("ft", "fd", "rand", "flagship", "flagship-cached")
+REFERENCE_CASES = ("ref-fd", "ref-rand", "ref-flagship")
 
 
 def parse_case(text: str) -> Case:
@@ -140,7 +149,7 @@ def resolve_cases(names: Sequence[str]) -> list[Case]:
     """Cases in the given order, ft first (every ratio needs it); ``all`` expands to every preset."""
     keys: list[str] = []
     for name in names:
-        keys.extend(PRESETS if name == "all" else [name])
+        keys.extend(PRESETS if name == "all" else REFERENCE_CASES if name == "reference" else [name])
     cases = [parse_case(k) for k in dict.fromkeys(keys)]
     if not any(c.key == "ft" for c in cases):
         cases.insert(0, PRESETS["ft"])
@@ -180,9 +189,63 @@ def teacher_cam_cache(teacher: ImageClassifier, pool: Sequence[dict[str, torch.T
     return torch.cat(rows)
 
 
+class ReferenceSequence(torch.nn.Module):
+    """The reference implementation's step sequence for fd / fd-refill, on robustft's modules.
+
+    What the reference code runs per step (its trainer, read for this comparison), with
+    robustft's ViT forward, CAM and masking functions standing in for its own modules:
+
+    - an MMCAM masking runs its OWN student forward with attention maps and the gradient to
+      them (``compute_cam`` on the student), separate from the passes below;
+    - the teacher runs once on the (counterfactual) images, without autograd;
+    - the student runs on the (counterfactual) images for the features, and AGAIN on the
+      clean images for the task logits, both with autograd (for ``fd`` on clean images that
+      is two student passes over the same images).
+
+    The loss is the same as robustft's (task CE + w * feature MSE). Because the modules are
+    robustft's (fused attention, CLS-only last block), this times the step sequence alone:
+    the reference's own modules would be slower still.
+    """
+
+    def __init__(self, case: Case, student: ImageClassifier, teacher: ImageClassifier, distill_weight: float) -> None:
+        super().__init__()
+        self.name = f"reference {case.method}"
+        self.student, self.teacher = student, teacher
+        self.spec = parse_masking(case.masking) if case.masking else None
+        self.distill_weight = distill_weight
+        self._generator: torch.Generator | None = None
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.student
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return default_param_groups(self.student, weight_decay)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        x = images
+        if self.spec is not None:
+            if self._generator is None:
+                self._generator = make_generator(0, 0, images.device)
+            cam = compute_cam(self.student, images, labels, "mmcam").raw if self.spec.needs_cam else None
+            x = build_counterfactual(images, self.spec, patch=self.student.patch_size,
+                                     cam_norm=normalize_cam(cam.flatten(1)) if cam is not None else None,
+                                     generator=self._generator).images
+        with torch.no_grad():
+            t_feat = self.teacher.forward_features(x).features
+        s_feat = self.student.forward_features(x).features
+        logits = self.student(images)
+        loss = task_loss(logits, labels) + self.distill_weight * feature_loss(s_feat, t_feat)
+        return {"loss": loss, "logits": logits}
+
+
 def build_case(case: Case, student: ImageClassifier, teacher: ImageClassifier | None,
-               cams: torch.Tensor | None) -> Method:
+               cams: torch.Tensor | None) -> Method | ReferenceSequence:
     options = MethodOptions(masking=case.masking, cam_source=case.cam_source or "student")
+    if case.reference:
+        if teacher is None:
+            raise SystemExit(f"case {case.key!r} needs the teacher")
+        return ReferenceSequence(case, student, teacher, options.distill_weight)
     return build_method(case.method, student, teacher, options, teacher_cams=cams if case.cached else None)
 
 
@@ -195,7 +258,8 @@ def sync(device: torch.device) -> None:
 class Stepper:
     """Runs the trainer's step sequence for one method and times it (optionally per phase)."""
 
-    def __init__(self, method: Method, optimizer: torch.optim.Optimizer, device: torch.device, precision: str):
+    def __init__(self, method: Method | ReferenceSequence, optimizer: torch.optim.Optimizer, device: torch.device,
+                 precision: str):
         self.method, self.optimizer, self.device = method, optimizer, device
         self.params = [p for p in method.trainable_module().parameters() if p.requires_grad]
         self.precision = precision
@@ -555,7 +619,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_CASES),
-                        help=f"cases: {', '.join(PRESETS)}, 'all', or METHOD[@MASKING[@SOURCE]] "
+                        help=f"cases: {', '.join(PRESETS)}, 'all', 'reference' (the ref-* cases: the reference "
+                             "implementation's pass sequence), or METHOD[@MASKING[@SOURCE]] "
                              f"(default: {' '.join(DEFAULT_CASES)}; ft is always added)")
     parser.add_argument("--memory", choices=("child", "none"), default="child",
                         help="measure peak memory in a fresh process per case, or skip it")
@@ -593,8 +658,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(f"{args.model} {teacher.preprocess.image_size}px, batch {args.batch}, {device}, {args.precision}, "
           f"{args.threads} thread(s), cases: {', '.join(steppers)}; load average {load_before}", flush=True)
     times = time_cases(steppers, pool, args.warmup, args.steps)
-    phases = {k: breakdown(s, teacher, pool, args.breakdown_steps) for k, s in steppers.items()} \
-        if args.breakdown_steps > 0 else {}
+    phases = {k: breakdown(s, teacher, pool, args.breakdown_steps) for k, s in steppers.items()
+              if isinstance(s.method, Method)} if args.breakdown_steps > 0 else {}
     if args.profile:
         profile_cases(steppers, pool, args.profile_rows)
     eval_images = torch.cat([b["image"] for b in pool[:args.eval_batches]])

@@ -81,9 +81,33 @@ def test_case_parsing() -> None:
     assert step_cost.parse_case("kd").method == "kd"
     assert [c.key for c in step_cost.resolve_cases(["rand", "fd", "rand"])] == ["ft", "rand", "fd"]
     assert {c.key for c in step_cost.resolve_cases(["all"])} == set(step_cost.PRESETS)
+    assert [c.key for c in step_cost.resolve_cases(["reference"])] == ["ft", "ref-fd", "ref-rand", "ref-flagship"]
     with pytest.raises(SystemExit):
         step_cost.parse_case("fd-refill@ObjMaskSingleFill(0.3)@nobody")
     # Cases share one student, so a method that freezes part of it is refused.
     with pytest.raises(SystemExit, match="trains only part"):
         step_cost.main(["--model", "robustft-tiny", "--batch", "2", "--steps", "1", "--threads", "1",
                         "--methods", "lp", "--memory", "none", "--eval-repeats", "0"])
+
+
+@pytest.mark.parametrize(("ref", "ours"), [("ref-fd", "fd"), ("ref-rand", "rand"), ("ref-flagship", "flagship")])
+def test_reference_sequence_computes_the_same_step_as_the_method(step_cost: ModuleType, ref: str, ours: str) -> None:
+    """The reference's pass sequence (separate CAM pass, two student passes) and robustft's
+    one-pass step give the same loss and gradients: the benchmark compares equal work."""
+    import torch
+
+    _, teacher, student = step_cost.build_models("robustft-tiny", torch.device("cpu"), 0)
+    batch = step_cost.make_pool(4, teacher.preprocess.image_size, torch.device("cpu"), 0)[0]
+    grads = {}
+    losses = {}
+    for key in (ref, ours):
+        student.zero_grad(set_to_none=True)
+        method = step_cost.build_case(step_cost.PRESETS[key], student, teacher, None)
+        loss = method(batch)["loss"]
+        loss.backward()
+        losses[key] = loss.detach()
+        grads[key] = [p.grad.detach().clone() for p in student.parameters()]
+    assert step_cost.PRESETS[ref].reference and not step_cost.PRESETS[ours].reference
+    torch.testing.assert_close(losses[ref], losses[ours], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[ref], grads[ours]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
