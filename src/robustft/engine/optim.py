@@ -2,6 +2,11 @@
 
 The paper's recipe applies weight decay 0.1 to every trainable parameter (norms, biases
 and the head included); :func:`default_param_groups` builds exactly that one group.
+
+The update runs as PyTorch's fused AdamW kernel wherever it exists (float parameters on
+CPU or CUDA): the same algorithm as the default per-tensor loop, equal to float rounding,
+and about 5x faster on CPU (0.08 s instead of 0.40 s per step for ViT-B/32's 88M
+parameters), which is 8-10% of a fine-tuning step there (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from torch import nn
 
 from robustft.errors import ConfigError
 
-__all__ = ["default_param_groups", "build_optimizer"]
+__all__ = ["default_param_groups", "build_optimizer", "fused_supported"]
+
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def default_param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -57,7 +64,15 @@ def build_optimizer(
         raise ConfigError(f"weight decay must be >= 0; got {weight_decay}")
     if not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"Adam betas must lie in [0, 1); got {tuple(betas)}")
-    groups = [dict(group) for group in param_groups]
-    if not groups or not any(len(list(g["params"])) for g in groups):
+    groups = [{**group, "params": list(group["params"])} for group in param_groups]
+    if not groups or not any(g["params"] for g in groups):
         raise ConfigError("no parameters to optimise: the method returned empty parameter groups")
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    fused = fused_supported([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None)
+
+
+def fused_supported(params: Sequence[torch.Tensor]) -> bool:
+    """Whether PyTorch's fused AdamW kernel takes ``params``: floating point, all on CPU or all on CUDA."""
+    devices = {p.device.type for p in params}
+    return (len(devices) == 1 and devices <= set(_FUSED_DEVICES)
+            and all(p.is_floating_point() for p in params))
