@@ -358,6 +358,8 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
 
     def timed_student_call(name: str, *args: Any, **kwargs: Any) -> Any:
         label = "student clean forward" if calls["n"] == 0 else "student cf forward"
+        if calls["n"] == 0 and args and args[0].shape[0] > calls["batch"]:
+            label = "student clean+cf forward"  # one pass over [x; x_cf]
         calls["n"] += 1
         with stepper.phase(label):
             return student_call(name, *args, **kwargs)
@@ -367,7 +369,7 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
     runs: list[dict[str, float]] = []
     try:
         for i in range(steps):
-            stepper.phases, calls["n"] = {}, 0
+            stepper.phases, calls["n"], calls["batch"] = {}, 0, pool[i % len(pool)]["image"].shape[0]
             wall, cpu = stepper.step(pool[i % len(pool)])
             runs.append({**_net_phases(stepper.phases), "(step)": wall if stepper.device.type == "cuda" else cpu})
     finally:

@@ -47,6 +47,10 @@ def test_main_times_every_case_and_writes_json_records(step_cost: ModuleType, tm
     assert "teacher forward" not in by_case["ft"]["phases_s"]
     assert "student cf forward" not in by_case["fd"]["phases_s"]
     assert "cam" not in by_case["rand"]["phases_s"] and "cam" in by_case["flagship-cached"]["phases_s"]
+    # Without the student's CAM, clean and counterfactual images share one student pass.
+    for key in ("rand", "flagship-cached"):
+        assert "student clean+cf forward" in by_case[key]["phases_s"], key
+        assert "student cf forward" not in by_case[key]["phases_s"], key
     # Exclusive phase times (process CPU time here) add up to the step, less only the timer calls.
     for r in records:
         step = r["phases_s"]["(step)"]

@@ -145,9 +145,9 @@ def _separate_pass_loss(student, teacher, batch, spec, kind, cam_from, generator
     """The reference formulation: CAM on its own forward, then a clean forward, then x_cf."""
     x, y = batch["image"], batch["label"]
     cam_model = student if cam_from == "student" else teacher
-    cam = compute_cam(cam_model, x, y, kind).raw
+    cam_norm = normalize_cam(compute_cam(cam_model, x, y, kind).raw.flatten(1)) if spec.needs_cam else None
     logits = student(x)
-    cf = build_counterfactual(x, spec, patch=8, cam_norm=normalize_cam(cam.flatten(1)), generator=generator)
+    cf = build_counterfactual(x, spec, patch=8, cam_norm=cam_norm, generator=generator)
     with torch.no_grad():
         target = teacher.forward_features(cf.images).features
     dist = F.mse_loss(student.forward_features(cf.images).features, target)
@@ -156,7 +156,7 @@ def _separate_pass_loss(student, teacher, batch, spec, kind, cam_from, generator
 
 @pytest.mark.parametrize(("kind", "cam_from", "masking"), [
     ("mmcam", "student", "ObjMaskSingleFill(0.3)"), ("gradcam", "student", "CtxMaskMultiFill(0.3)"),
-    ("mmcam", "teacher", "ObjMaskSingleFill(0.3)"),
+    ("mmcam", "teacher", "ObjMaskSingleFill(0.3)"), ("gradcam", "student", "RandMaskMultiFill(0.5)"),
 ])
 def test_one_pass_step_equals_the_separate_pass_formulation(kind, cam_from, masking, zeroshot, batch):
     student, teacher = _perturbed(zeroshot), copy.deepcopy(zeroshot)
@@ -191,6 +191,25 @@ def test_student_cam_costs_one_clean_pass(zeroshot, batch):
     assert len(rec_t.calls) == 1
     assert torch.equal(rec_t.calls[0][1], rec_s.calls[1][1])
     assert not torch.equal(rec_s.calls[1][1], batch["image"])
+
+
+@pytest.mark.parametrize(("name", "masking", "source"), [
+    ("fd-refill", "RandMaskSingleFill(0.5)", "student"), ("fd-refill", "ObjMaskSingleFill(0.3)", "teacher"),
+    ("kd-refill", "CtxMaskMultiFill(0.3)", "teacher"),
+])
+def test_without_a_student_cam_clean_and_refilled_images_share_one_student_pass(name, masking, source, zeroshot,
+                                                                                batch):
+    student, teacher = _perturbed(zeroshot), copy.deepcopy(zeroshot)
+    rec_s, rec_t = _Recorder(student), _Recorder(teacher)
+    opts = MethodOptions(masking=masking, cam_source=source, cam="gradcam")
+    out = build_method(name, student, teacher, opts)(batch)
+    assert len(rec_s.calls) == 1
+    (_, joint, kwargs), (_, t_images, _) = rec_s.calls[0], rec_t.calls[-1]
+    assert kwargs.get("return_attn") is None and joint.shape[0] == 2 * BATCH
+    assert torch.equal(joint[:BATCH], batch["image"]) and torch.equal(joint[BATCH:], t_images)
+    assert out["logits"].shape == (BATCH, NUM_CLASSES)
+    with torch.no_grad():
+        assert torch.allclose(out["logits"], student(batch["image"]), atol=1e-5)
 
 
 def test_no_grad_scoring_still_computes_the_student_cam(zeroshot, batch):
