@@ -31,3 +31,12 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         with Image.open(out / name) as img:
             assert img.format == "PNG"
     assert "| fd-refill-obj-s0 |" in (out / "report.md").read_text()
+
+    # More seeds in the same folder re-enter the demo and reuse the finished seed-0 runs.
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*-s0/results.jsonl")}
+    assert len(finished) == 2
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    rows = read_rows([out / "results.jsonl"])
+    assert {"ft-s0", "ft-s1", "fd-refill-obj-s1", "ft-s1@0.50"} <= {r.run for r in rows}
+    assert "| ft-s0 (+1) |" in capsys.readouterr().out  # the table aggregates the two seeds

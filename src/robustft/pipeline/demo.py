@@ -115,7 +115,9 @@ def run_demo(*, out: str = "demo-out", quick: bool = False, seeds: int = 1, jobs
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     n_jobs = _cpu_jobs(jobs)
     start = time.perf_counter()
-    identity = hashlib.sha256(json.dumps({"quick": quick, "seeds": seeds}).encode()).hexdigest()[:12]
+    # The seed count is not part of the identity: `--seeds 3` in the folder of a 1-seed demo
+    # re-enters it and reuses the finished seed-0 runs.
+    identity = hashlib.sha256(json.dumps({"quick": quick}).encode()).hexdigest()[:12]
     root = prepare_run_dir(out, kind="demo", identity=identity, overwrite=overwrite)
     timings: dict[str, float] = {}
 
