@@ -69,3 +69,14 @@ def test_plot_needs_a_complete_entry(tmp_path):
     rows += [ResultRow(**{**rows[0].to_dict(), "run": "x", "dataset": "imagenet-r", "extra": {"setting": "other"}})]
     with pytest.raises(DataError, match="nothing to plot"):
         plot_id_vs_ood(rows, tmp_path / "p.png", shift_datasets=["objectnet", "imagenet-r"])
+
+
+def test_report_without_shift_results_writes_tables_and_bars_but_no_scatter(tmp_path, caplog):
+    rows = [r for r in _rows() if r.dataset == "imagenet"]  # ID results only (e.g. a first eval)
+    files = write_report(rows, tmp_path / "report")
+    assert set(files) == {"markdown", "csv", "shift_bars"}
+    assert not (tmp_path / "report" / "id_vs_ood.png").exists()
+    _check_png(files["shift_bars"])
+    md = files["markdown"].read_text()
+    assert "id_vs_ood.png" not in md and "shift_bars.png" in md and "| ft-s0 (+1) | ft |" in md
+    assert "no ID-vs-OOD plot" in caplog.text

@@ -163,7 +163,7 @@ def plot_shift_bars(
     summary = summarize(rows, id_dataset, shift_datasets)
     names = _names(summary)
     entries = _bar_entries(summary)
-    groups = [id_dataset, *summary.shift_datasets, OOD_AVG]
+    groups = [id_dataset, *summary.shift_datasets] + ([OOD_AVG] if summary.shift_datasets else [])
     width = 0.8 / max(1, len(entries))
     fig = Figure(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(entries)) * 0.45 + 2), 5.0))
     ax = fig.add_subplot()
@@ -213,7 +213,9 @@ def write_report(
         shift_datasets: Shift datasets of the OOD average; None means all others present.
 
     Returns:
-        ``{"markdown", "csv", "id_vs_ood", "shift_bars"}`` -> the written files.
+        ``{"markdown", "csv", "id_vs_ood", "shift_bars"}`` -> the written files; without
+        shift results (no shift set, or no entry evaluated on all of them) there is no
+        ``id_vs_ood`` plot, and the log says why.
 
     Raises:
         DataError: No rows, incomparable results, or a missing ID/shift dataset.
@@ -222,15 +224,19 @@ def write_report(
     out = Path(out_dir)
     table = summary_table(rows, id_dataset, shift_datasets)  # refuses incomparable rows before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "id_vs_ood": plot_id_vs_ood(rows, out / "id_vs_ood.png", id_dataset=id_dataset, shift_datasets=shift_datasets),
-        "shift_bars": plot_shift_bars(rows, out / "shift_bars.png", id_dataset=id_dataset,
-                                      shift_datasets=shift_datasets),
-    }
+    files: dict[str, Path] = {}
+    try:
+        files["id_vs_ood"] = plot_id_vs_ood(rows, out / "id_vs_ood.png", id_dataset=id_dataset,
+                                            shift_datasets=shift_datasets)
+    except DataError as exc:  # the rows were checked above: this only means no shift results to plot
+        logger.warning("no ID-vs-OOD plot: %s", exc)
+    files["shift_bars"] = plot_shift_bars(rows, out / "shift_bars.png", id_dataset=id_dataset,
+                                          shift_datasets=shift_datasets)
     sources = sorted({(r.source or "<memory>").rsplit(":", 1)[0] for r in rows})
+    images = (["![ID vs OOD accuracy](id_vs_ood.png)", ""] if "id_vs_ood" in files else []) + [
+        "![Accuracy per evaluation set](shift_bars.png)", ""]
     text = "\n".join([
-        "# Results", "", to_markdown(table),
-        "![ID vs OOD accuracy](id_vs_ood.png)", "", "![Accuracy per evaluation set](shift_bars.png)", "",
+        "# Results", "", to_markdown(table), *images,
         f"Sources: {', '.join(sources)} ({len(rows)} rows).", "",
     ])
     files["markdown"] = out / "report.md"
