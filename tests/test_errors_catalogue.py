@@ -12,6 +12,7 @@ After changing an error message on purpose, refresh the page with
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -121,6 +122,7 @@ def _files(sb: Path) -> None:
     (sb / "tpl_nobrace.txt").write_text("a photo of a cat.\n")
     (sb / "tpl_two.txt").write_text("a {} photo of a {}.\n")
     (sb / "weights.bin").write_bytes(b"\x00" * 100)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, sb / "pickled.pt")
     (sb / "bad.yaml").write_text("optim: {lr: [1, 2\n")
     (sb / "list.yaml").write_text("- a\n- b\n")
     (sb / "self.yaml").write_text(f"base: {sb / 'self.yaml'}\n")

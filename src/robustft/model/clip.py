@@ -258,6 +258,12 @@ def _weights_hint(weights_file: str, exc: Exception) -> str:
             "TorchScript archives (OpenAI's original .pt files) cannot be read safely; use the "
             "matching open_clip tag (e.g. --pretrained openai) or convert the file to safetensors"
         )
+    if "Weights only load failed" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        return (
+            "the file holds pickled Python objects besides tensors (a full training checkpoint?), and "
+            "robustft never unpickles arbitrary objects; save only the model's state_dict (torch.save or "
+            "safetensors) and pass that file"
+        )
     if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
         return f"the file does not fit this architecture (is it for another model?): {text}"
     return text
