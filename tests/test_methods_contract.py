@@ -92,6 +92,7 @@ def test_stages_name_registered_trainable_methods(name, zeroshot):
         assert method.stages() == [] and method.trains is False
     else:
         assert method.stages() == [name]
+    assert METHODS.get(name).stages() == method.stages()  # a class-level answer: no instance needed
 
 
 @pytest.mark.parametrize("name", _stage_names())

@@ -197,9 +197,10 @@ class Method(nn.Module):
         """Whether a teacher-CAM cache would be used with ``options`` (so worth building)."""
         return False
 
-    def stages(self) -> list[str]:
+    @classmethod
+    def stages(cls) -> list[str]:
         """Method names to fit one after the other; a plain method is its own single stage."""
-        return [self.name] if self.trains else []
+        return [cls.name] if cls.trains else []
 
     def finalize(self, student: ImageClassifier,
                  zeroshot: ImageClassifier) -> Mapping[float | None, ImageClassifier]:

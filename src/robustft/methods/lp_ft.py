@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 class LpFt(Method):
     """A two-stage method; it is never trained itself, only its :meth:`stages` are."""
 
-    def stages(self) -> list[str]:
+    @classmethod
+    def stages(cls) -> list[str]:
         return ["lp", "ft"]
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

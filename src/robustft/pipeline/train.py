@@ -166,9 +166,7 @@ def _build_models(cfg: RunConfig, bundle: ClipBundle, data: RunData, progress: b
 
 def _stages(cfg: RunConfig) -> list[str]:
     """The stage names of ``cfg``'s method (LP-FT: ["lp", "ft"]), read without building it."""
-    probe = METHODS.get(cfg.method.name)
-    stages = probe.stages(probe.__new__(probe))  # stages() depends on the class, not on state
-    return list(stages)
+    return list(METHODS.get(cfg.method.name).stages())
 
 
 def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path, dist: DistEnv, micro: int,
