@@ -164,7 +164,13 @@ def test_write_world_imagefolder_tree_and_cache(tmp_path, monkeypatch) -> None:
         assert sorted(p.name for p in root.iterdir()) == sorted(cfg.classes)
         files = sorted(root.glob("*/*.png"))
         assert len(files) == (12 if split == "train" else 6)
-    assert paths.classnames.read_text().split() == list(cfg.classes)
+    # classnames.txt is in label order (sorted class folders), so it can serve as data.classnames.
+    assert paths.classnames.read_text().split() == sorted(cfg.classes) != list(cfg.classes)
+    from robustft.data.datasets import build_folder_train_set
+
+    dataset, names = build_folder_train_set(paths.splits["train"], image_size=64, classnames_file=paths.classnames)
+    assert names == dataset.classes == sorted(cfg.classes)
+    assert json.loads(paths.world_json.read_text())["classnames"] == names
     templates = paths.templates.read_text().splitlines()
     assert templates and all(t.count("{}") == 1 for t in templates)
     meta = json.loads(paths.world_json.read_text())

@@ -301,7 +301,8 @@ def default_cache_dir() -> Path:
 
 
 def _world_meta(cfg: WorldConfig) -> dict:
-    return {"version": WORLD_VERSION, "key": cfg.key(), "config": cfg.to_dict(), "splits": SPLIT_DOCS}
+    return {"version": WORLD_VERSION, "key": cfg.key(), "config": cfg.to_dict(), "splits": SPLIT_DOCS,
+            "classnames": sorted(cfg.classes)}
 
 
 def write_world(cfg: WorldConfig, out_dir: str | Path | None = None) -> WorldPaths:
@@ -336,7 +337,8 @@ def write_world(cfg: WorldConfig, out_dir: str | Path | None = None) -> WorldPat
             (tmp / split / c).mkdir(parents=True)
         for i, (img, y) in enumerate(zip(data.images, data.labels)):
             Image.fromarray(img).save(tmp / split / cfg.classes[y] / f"{i:05d}.png", compress_level=1)
-    (tmp / "classnames.txt").write_text("\n".join(cfg.classes) + "\n")
+    # In label order: training and evaluation number the classes by their sorted folder names.
+    (tmp / "classnames.txt").write_text("\n".join(sorted(cfg.classes)) + "\n")
     (tmp / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (tmp / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if root.is_dir():  # an older world (checked above) or an empty folder: replace it
