@@ -18,7 +18,8 @@ When nothing of the student's clean pass is needed before masking (random masks,
 from the teacher or its cache) and the counterfactual is a batch of refilled images, the
 student sees clean and refilled images in ONE pass over the concatenated batch: the same
 arithmetic as two passes (a ViT treats every image independently), with matrix products
-twice as tall, which is 5% (one thread) to 12% (two threads) faster for ViT-B/32 on CPU.
+twice as tall (ViT-B/32 on CPU: 5-12% faster at batch 8, 8% at batch 32 with two threads;
+6.5% slower with a single thread at batch 32, see BENCHMARKS.md).
 
 Every random draw comes from one ``torch.Generator`` made with
 :func:`robustft.ops.masking.make_generator` (seed, rank) on the images' device; its state is
@@ -229,17 +230,25 @@ class CounterfactualDistillation(Method):
         return build_counterfactual(images, self.masking, patch=self.patch, cam_norm=cam_norm,
                                     generator=self._generator_for(images.device))
 
-    def _distill_term(self, cf: Counterfactual) -> Tensor:
-        """D(student(x_cf), stopgrad teacher(x_cf)) with the same masks on both sides."""
+    def _distill_term(self, cf: Counterfactual, student_cf: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """D(student(x_cf), stopgrad teacher(x_cf)) with the same masks on both sides.
+
+        ``student_cf``: the student's (logits, features) on ``cf.images`` when a joint pass
+        already computed them; otherwise the student runs here.
+        """
+        masks = {"keep_idx": cf.keep_idx, "key_mask": cf.key_mask}
         with torch.no_grad():
-            t_feat = self.frozen.forward_features(cf.images, keep_idx=cf.keep_idx, key_mask=cf.key_mask).features
+            t_feat = self.frozen.forward_features(cf.images, **masks).features
+        if student_cf is not None:
+            s_logits, s_feat = student_cf
+        elif self.distill == "fd":  # the features alone: no head
+            s_feat = self.student_call("forward_features", cf.images, **masks).features
+        else:
+            s_logits, _ = self.student_call("forward_with_features", cf.images, **masks)
         if self.distill == "fd":
-            s_out = self.student_call("forward_features", cf.images, keep_idx=cf.keep_idx, key_mask=cf.key_mask)
-            return feature_loss(s_out.features, t_feat)
+            return feature_loss(s_feat, t_feat)
         with torch.no_grad():
             t_logits = self.frozen.forward_head(t_feat)
-        s_logits, _ = self.student_call("forward_with_features", cf.images, keep_idx=cf.keep_idx,
-                                        key_mask=cf.key_mask)
         return kd_loss(s_logits, t_logits, self.options.temperature)
 
     def _joint_step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Counterfactual]:
@@ -247,14 +256,8 @@ class CounterfactualDistillation(Method):
         images = batch["image"]
         n = images.shape[0]
         cf = self.counterfactual(batch, None, None)
-        with torch.no_grad():
-            t_feat = self.frozen.forward_features(cf.images).features
         logits, out = self.student_call("forward_with_features", torch.cat([images, cf.images]))
-        if self.distill == "fd":
-            return logits[:n], feature_loss(out.features[n:], t_feat), cf
-        with torch.no_grad():
-            t_logits = self.frozen.forward_head(t_feat)
-        return logits[:n], kd_loss(logits[n:], t_logits, self.options.temperature), cf
+        return logits[:n], self._distill_term(cf, (logits[n:], out.features[n:])), cf
 
     def _separate_step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Counterfactual]:
         """Clean pass (with what the student's CAM needs), masking, then the counterfactual pass."""
