@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -11,37 +10,9 @@ from torch import nn
 
 from robustft.errors import ConfigError, ModelError
 from robustft.methods import METHODS, MethodOptions, build_method, list_methods
-from robustft.model.classifier import ClassifierHead, ImageClassifier
-from robustft.model.clip import load_clip
+from robustft.model.classifier import ImageClassifier
 
-NUM_CLASSES = 4
-BATCH = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine spin-wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def zeroshot() -> ImageClassifier:
-    """A random-weight tiny CLIP ViT (32 px, patch 8) with a random cosine head of scale 10."""
-    torch.manual_seed(0)
-    bundle = load_clip("robustft-tiny", "none")
-    weights = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, bundle.model.visual.output_dim), dim=-1)
-    head = ClassifierHead.from_zeroshot(weights, math.log(10.0))
-    return ImageClassifier(bundle.model.visual, head, bundle.preprocess).eval()
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return {"image": torch.rand(BATCH, 3, 32, 32, generator=gen),
-            "label": torch.arange(BATCH) % NUM_CLASSES, "index": torch.arange(BATCH)}
+from _methods_fixtures import BATCH, NUM_CLASSES, _one_thread, batch, zeroshot  # noqa: F401  (fixtures)
 
 
 def _build(name: str, zeroshot: ImageClassifier, **options: object):

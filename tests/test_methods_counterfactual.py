@@ -19,38 +19,11 @@ from robustft.methods import MethodOptions, build_method
 from robustft.methods import cam_cache as cc
 from robustft.methods.base import feature_loss, kd_loss
 from robustft.model.cam import compute_cam
-from robustft.model.classifier import ClassifierHead, ImageClassifier
-from robustft.model.clip import load_clip
+from robustft.model.classifier import ImageClassifier
 from robustft.ops.cam import normalize_cam
 from robustft.ops.masking import build_counterfactual, make_generator, parse_masking
 
-NUM_CLASSES = 4
-BATCH = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine spin-wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def zeroshot() -> ImageClassifier:
-    torch.manual_seed(0)
-    bundle = load_clip("robustft-tiny", "none")
-    weights = F.normalize(torch.randn(NUM_CLASSES, bundle.model.visual.output_dim), dim=-1)
-    return ImageClassifier(bundle.model.visual, ClassifierHead.from_zeroshot(weights, math.log(10.0)),
-                           bundle.preprocess).eval()
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return {"image": torch.rand(BATCH, 3, 32, 32, generator=gen),
-            "label": torch.arange(BATCH) % NUM_CLASSES, "index": torch.arange(BATCH)}
+from _methods_fixtures import BATCH, NUM_CLASSES, _one_thread, batch, zeroshot  # noqa: F401  (fixtures)
 
 
 def _perturbed(model: ImageClassifier, seed: int = 3, scale: float = 0.05) -> ImageClassifier:
