@@ -11,8 +11,9 @@ The file name is a hash of everything the CAMs depend on: a format version, the 
 name, a SHA-256 of the teacher's weights (image tower AND head: the CAM is of the
 ground-truth logit), the dataset (its root, its ordered file list and labels), the
 transform and image size, and the CAM kind. Files are rewritten atomically; a file whose
-stored key or shape disagrees is rebuilt. In a distributed run let rank 0 build the cache,
-then barrier, then every rank loads it.
+stored key or shape disagrees is rebuilt. In a distributed run (``dist_env``) rank 0 alone
+loads or builds and writes the file while the other ranks wait; they then read the file
+rank 0 names, so there is one writer and one build.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from robustft.data.folder import collate_skip_bad
+from robustft.distributed import DistEnv
 from robustft.errors import CheckpointError, ConfigError
 from robustft.model.cam import CAM_KINDS, compute_cam
 from robustft.model.classifier import ImageClassifier
@@ -45,6 +47,7 @@ __all__ = [
     "cam_cache_key",
     "build_teacher_cam_cache",
     "load_or_build_teacher_cam_cache",
+    "read_teacher_cam_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,7 +174,7 @@ def load_or_build_teacher_cam_cache(teacher: ImageClassifier, dataset: Dataset, 
                                     cache_dir: str | os.PathLike[str] | None = None, dataset_key: str | None = None,
                                     transform_key: str | None = None, num_workers: int = 0,
                                     device: str | torch.device | None = None, progress: bool = True,
-                                    rebuild: bool = False) -> Tensor:
+                                    rebuild: bool = False, dist_env: DistEnv | None = None) -> Tensor:
     """The teacher-CAM cache of ``dataset``: loaded when a matching file exists, else built and saved.
 
     Args:
@@ -185,13 +188,71 @@ def load_or_build_teacher_cam_cache(teacher: ImageClassifier, dataset: Dataset, 
         transform_key: Explicit transform identity (default :func:`transform_fingerprint`
             of the dataset's transform, which must be deterministic).
         rebuild: Recompute even if a matching file exists.
+        dist_env: The run's processes. With several, rank 0 alone loads or builds (and
+            writes) the file while the others wait (within the process-group timeout), then
+            every other rank reads the file rank 0 names (:func:`read_teacher_cam_cache`);
+            the cache folder must therefore be one that every process sees.
 
     Returns:
         ``[N, gh, gw]`` float32 raw CAMs on the CPU.
 
     Raises:
         ConfigError: A random transform, an unknown CAM kind, or an unidentifiable dataset.
+        CheckpointError: A rank other than 0 cannot read the file rank 0 wrote.
     """
+    def load_or_build() -> tuple[Tensor, Path]:
+        return _load_or_build(teacher, dataset, model_name=model_name, weights=weights, kind=kind,
+                              batch_size=batch_size, cache_dir=cache_dir, dataset_key=dataset_key,
+                              transform_key=transform_key, num_workers=num_workers, device=device,
+                              progress=progress, rebuild=rebuild)
+
+    if dist_env is None or not dist_env.is_distributed:
+        return load_or_build()[0]
+    mine: list[Tensor] = []
+
+    def on_rank0() -> str:
+        cams, path = load_or_build()
+        mine.append(cams)
+        return str(path)
+
+    logger.info("teacher-CAM cache: rank 0 loads or builds it; the other %d process(es) wait for it",
+                dist_env.world_size - 1)
+    path = dist_env.on_primary(on_rank0)
+    error = None
+    if not mine:
+        try:
+            mine.append(read_teacher_cam_cache(path, (len(dataset), *teacher.grid_size)))
+        except CheckpointError as exc:
+            error = f"rank {dist_env.rank}: {exc}"
+    failed = [e for e in dist_env.all_gather_object(error) if e is not None]
+    if failed:  # every rank stops, not only the one that could not read the file
+        raise CheckpointError(failed[0])
+    return mine[0]
+
+
+def read_teacher_cam_cache(path: str | os.PathLike[str], expected: tuple[int, ...]) -> Tensor:
+    """The CAMs of a cache file another process wrote, checked against the ``expected`` shape.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable or of another shape.
+    """
+    fix = "give every process the same cache folder (ROBUSTFT_CACHE on a shared file system)"
+    if not Path(path).is_file():
+        raise CheckpointError(f"teacher-CAM cache {path} written by rank 0 is not visible here; {fix}")
+    tensors, _ = load_tensors(path)
+    cams = tensors.get("cams")
+    if cams is None or tuple(cams.shape) != tuple(expected):
+        shape = None if cams is None else tuple(cams.shape)
+        raise CheckpointError(f"teacher-CAM cache {path} holds CAMs of shape {shape}, this process expects "
+                              f"{tuple(expected)}; {fix}")
+    return cams.float()
+
+
+def _load_or_build(teacher: ImageClassifier, dataset: Dataset, *, model_name: str, weights: str | None, kind: str,
+                   batch_size: int, cache_dir: str | os.PathLike[str] | None, dataset_key: str | None,
+                   transform_key: str | None, num_workers: int, device: str | torch.device | None, progress: bool,
+                   rebuild: bool) -> tuple[Tensor, Path]:
+    """:func:`load_or_build_teacher_cam_cache` in one process; also returns the file's path."""
     key = cam_cache_key(
         model_name=model_name, weights=weights_fingerprint(teacher), weights_source=weights or "",
         dataset=dataset_key if dataset_key is not None else dataset_fingerprint(dataset),
@@ -211,10 +272,10 @@ def load_or_build_teacher_cam_cache(teacher: ImageClassifier, dataset: Dataset, 
             matches = meta.get("key") == json.dumps(key, sort_keys=True)
             if matches and cams is not None and tuple(cams.shape) == expected:
                 logger.info("teacher-CAM cache: loaded %s", path)
-                return cams.float()
+                return cams.float(), path
             logger.warning("teacher-CAM cache %s does not match this run; rebuilding it", path)
     cams = build_teacher_cam_cache(teacher, dataset, kind, batch_size, num_workers=num_workers, device=device,
                                    progress=progress)
     save_tensors(path, {"cams": cams}, metadata={"key": json.dumps(key, sort_keys=True)})
     logger.info("teacher-CAM cache: wrote %s (%d images)", path, len(dataset))
-    return cams
+    return cams, path

@@ -35,7 +35,6 @@ from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip
 from robustft.model.clip import ClipBundle
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
-from robustft.ops.masking import parse_masking
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
 from robustft.pipeline.runs import git_sha, prepare_run_dir
 from robustft.reports.results import append_rows, rows_from_results
@@ -131,21 +130,29 @@ def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfi
     return evaluate_holdout
 
 
-def _teacher_cams(cfg: RunConfig, data: RunData, teacher: ImageClassifier | None, progress: bool) -> Any:
-    cls = METHODS.get(cfg.method.name)
-    if teacher is None or cfg.method.cam_source != "teacher" or not cls.accepts_teacher_cams:
+def _cam_cache_stages(cfg: RunConfig) -> list[str]:
+    """The stages of ``cfg``'s method that would use a teacher-CAM cache (each method class answers for itself)."""
+    options = method_options(cfg)
+    return [stage for stage in _stages(cfg) if METHODS.get(stage).wants_teacher_cams(options)]
+
+
+def _teacher_cams(cfg: RunConfig, data: RunData, teacher: ImageClassifier | None, dist: DistEnv,
+                  progress: bool) -> Any:
+    """The teacher-CAM cache when a stage of the method uses one (built by rank 0 alone), else None."""
+    if teacher is None or not _cam_cache_stages(cfg):
         return None
     if cfg.data.train_augment:
         logger.info("teacher CAMs computed every step: training augmentation makes them image-and-draw specific")
         return None
-    spec = parse_masking(cfg.method.masking) if cfg.method.masking else None
-    if spec is not None and not spec.needs_cam:
-        return None
+    return _build_cam_cache(cfg, data, teacher, dist, progress)
+
+
+def _build_cam_cache(cfg: RunConfig, data: RunData, teacher: ImageClassifier, dist: DistEnv, progress: bool) -> Any:
     from robustft.methods.cam_cache import load_or_build_teacher_cam_cache
 
     return load_or_build_teacher_cam_cache(
         teacher, data.train, model_name=cfg.model.name, weights=cfg.model.pretrained, kind=cfg.method.cam,
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.workers, progress=progress)
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.workers, progress=progress, dist_env=dist)
 
 
 @dataclass
@@ -172,12 +179,14 @@ def _stages(cfg: RunConfig) -> list[str]:
 def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path, dist: DistEnv, micro: int,
                   resume: bool, progress: bool, teacher_cams: Any) -> Any:
     options = method_options(cfg, dist.rank)
+    wanted = set(_cam_cache_stages(cfg)) if teacher_cams is not None else set()
     top = build_method(cfg.method.name, models.student, models.teacher, options,
-                       teacher_cams=teacher_cams if len(_stages(cfg)) == 1 else None)
+                       teacher_cams=teacher_cams if len(_stages(cfg)) == 1 and cfg.method.name in wanted else None)
     stages = top.stages()
     for i, stage in enumerate(stages):
         stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / f"{i + 1}-{stage}"
-        method = top if len(stages) == 1 else build_method(stage, models.student, models.teacher, options)
+        method = top if len(stages) == 1 else build_method(
+            stage, models.student, models.teacher, options, teacher_cams=teacher_cams if stage in wanted else None)
         done = stage_dir / "stage_done"
         if resume and done.is_file():
             logger.info("stage %s had finished before; reusing its result", stage)
@@ -264,7 +273,7 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     if dist.device.type == "cpu" and dist.world_size > 1:
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.world_size))
     models = _build_models(cfg, bundle, data, progress)
-    teacher_cams = _teacher_cams(cfg, data, models.teacher, progress)
+    teacher_cams = _teacher_cams(cfg, data, models.teacher, dist, progress)
     top = _train_stages(cfg, models, data, run_dir, dist, micro, resume, progress, teacher_cams)
     rows = _save_and_evaluate(cfg, top, models, data, run_dir, dist, bundle, progress)
     minutes = (time.perf_counter() - start) / 60
@@ -284,15 +293,20 @@ def run_cam_cache(cfg: RunConfig, progress: bool = True) -> str:
         if cfg.method.cam_source != "teacher":
             raise ConfigError("cam-cache precomputes the frozen teacher's CAMs; set method.cam_source=teacher "
                               "(the student's CAMs change every step and cannot be cached)")
+        if not _cam_cache_stages(cfg):
+            masking = f"masking {cfg.method.masking!r}" if cfg.method.masking else "its default masking"
+            raise ConfigError(f"method {cfg.method.name!r} with {masking} selects no patches by CAM, so there is "
+                              "no teacher-CAM cache to build")
+        if cfg.data.train_augment:
+            raise ConfigError("data.train_augment=true draws a new image every epoch, so its teacher CAMs cannot be "
+                              "cached (training computes them every step); set data.train_augment=false to cache them")
         if cfg.data.train == "synthetic":
-            world_paths()
+            dist.on_primary(lambda: world_paths() and None)
         bundle = load_model(cfg, dist, progress)
         data = build_run_data(cfg, bundle.preprocess.image_size)
         teacher = build_zeroshot_classifier(bundle, data.classnames, data.templates, progress=progress)
         teacher.eval().requires_grad_(False)
-        cams = _teacher_cams(cfg, data, teacher, progress)
-        if cams is None:
-            raise ConfigError(f"method {cfg.method.name!r} with masking {cfg.method.masking!r} uses no CAM")
+        cams = _build_cam_cache(cfg, data, teacher, dist, progress)
         return f"teacher CAMs ready for {len(data.train)} images ({cfg.method.cam}, {tuple(cams.shape)})"
     finally:
         dist.destroy()
