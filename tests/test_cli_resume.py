@@ -125,6 +125,54 @@ def test_resume_of_a_finished_run_changes_nothing(uninterrupted: Path, tmp_path:
     assert {r.top1 for r in read_rows(out / "results.jsonl")} == {read_rows(uninterrupted / "results.jsonl")[0].top1}
 
 
+def _files(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded before the run folder was checked")
+
+    monkeypatch.setattr(pipeline_train, "load_model", load_model)
+
+
+def test_a_second_train_without_resume_fails_before_loading_the_model(
+        uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "again"
+    shutil.copytree(uninterrupted, out)
+    before = _files(out)
+    _no_model(monkeypatch)
+    capsys.readouterr()
+    assert train(out) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"robustft train: error: {out} already holds checkpoints (newest step_00000008); pass --resume to continue "
+        "that run, or choose a new output folder")
+    assert _files(out) == before  # nothing written, moved or deleted
+
+
+def test_a_stage_folder_with_checkpoints_is_refused_before_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from robustft.config import build_config
+    from robustft.pipeline.runs import prepare_run_dir
+
+    sets = ["data.limit_train=40", "data.holdout=8", "optim.epochs=2", "checkpoint.every=2", "data.eval_sets=[id]",
+            "method.name=lp-ft"]
+    out = tmp_path / "lpft"
+    prepare_run_dir(out, kind="train", identity=pipeline_train.identity_of(build_config("smoke", sets)))
+    (out / "stages" / "2-ft" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    before = _files(out)
+    _no_model(monkeypatch)
+    capsys.readouterr()
+    assert train(out, "--set", "method.name=lp-ft") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"robustft train: error: {out / 'stages' / '2-ft'} already holds checkpoints (newest step_00000002)")
+    assert _files(out) == before
+
+
 def test_checkpoint_every_option_sets_the_period(tmp_path: Path) -> None:
     out = tmp_path / "every3"
     assert main(["train", "--config", "smoke", "--out", str(out), "--no-progress", "--no-eval",
@@ -133,3 +181,29 @@ def test_checkpoint_every_option_sets_the_period(tmp_path: Path) -> None:
     steps = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert steps == ["step_00000003", "step_00000004"]  # every 3 steps, plus the end of the epoch
     assert not (out / "results.jsonl").exists()  # --no-eval
+
+
+AUGMENTED = ("--set", "data.train_augment=true", "--set", "data.workers=2")
+
+
+def test_resume_with_augmentation_and_persistent_workers_equals_an_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random crops drawn in 2 persistent worker processes: the resumed run draws the same ones.
+
+    The crash is in the second epoch, so the uninterrupted run's workers have loaded a whole
+    epoch before while the resumed run's workers start fresh mid-epoch, at another batch.
+    """
+    reference = tmp_path / "uninterrupted"
+    assert train(reference, *AUGMENTED) == 0
+    out = tmp_path / "crashed"
+
+    def die() -> None:
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        hook_after_step(patch, 7, die)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(out, *AUGMENTED)
+    assert train(out, "--resume", *AUGMENTED) == 0
+    _assert_same_run(out, reference)

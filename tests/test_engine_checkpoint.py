@@ -206,3 +206,15 @@ def test_stale_temporaries_are_removed_and_a_moved_aside_best_is_restored(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints"]
     assert not list((tmp_path / "checkpoints").iterdir())
     assert json.loads((tmp_path / "best" / "meta.json").read_text())["step"] == 1
+
+
+def test_refuse_existing_checkpoints_names_the_newest_and_changes_nothing(tmp_path: Path) -> None:
+    ckpt_mod.refuse_existing_checkpoints(tmp_path / "new")  # no folder, no checkpoints: fine
+    assert not (tmp_path / "new").exists()
+    model, opt = _trained()
+    for step in (2, 4):
+        _save(tmp_path, step, model, opt)
+    before = sorted(p.name for p in list_checkpoints(tmp_path))
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints \(newest step_00000004\); pass --resume"):
+        ckpt_mod.refuse_existing_checkpoints(tmp_path)
+    assert sorted(p.name for p in list_checkpoints(tmp_path)) == before

@@ -50,6 +50,7 @@ __all__ = [
     "best_dir",
     "check_writable",
     "list_checkpoints",
+    "refuse_existing_checkpoints",
     "save_checkpoint",
     "load_checkpoint",
     "load_latest",
@@ -132,6 +133,19 @@ def list_checkpoints(run_dir: PathLike) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def refuse_existing_checkpoints(run_dir: PathLike) -> None:
+    """Refuse to start a run afresh in ``run_dir`` when it holds checkpoints (read-only).
+
+    Raises:
+        CheckpointError: ``run_dir`` holds checkpoints; the message names the newest and
+            the fix (``--resume``, or a new output folder).
+    """
+    existing = list_checkpoints(run_dir)
+    if existing:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); "
+                              "pass --resume to continue that run, or choose a new output folder")
 
 
 def remove_stale_temporaries(run_dir: PathLike) -> None:

@@ -27,10 +27,10 @@ from robustft.distributed import DistEnv, no_sync
 from robustft.engine.checkpoint import (
     TrainingCheckpoint,
     check_writable,
-    list_checkpoints,
     load_checkpoint,
     load_latest,
     load_module_state,
+    refuse_existing_checkpoints,
     remove_stale_temporaries,
     save_best,
     save_checkpoint,
@@ -172,10 +172,8 @@ class _Run:
     def _prepare_folder(self, resume: bool, need_bytes: int) -> None:
         check_writable(self.run_dir, need_bytes)
         remove_stale_temporaries(self.run_dir)
-        existing = list_checkpoints(self.run_dir)
-        if existing and not resume:
-            raise CheckpointError(f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}); "
-                                  "pass --resume to continue that run, or choose a new output folder")
+        if not resume:  # the pipeline checks this before loading anything; a safety net for other callers
+            refuse_existing_checkpoints(self.run_dir)
 
     def _find_checkpoint(self) -> TrainingCheckpoint | None:
         found: list[TrainingCheckpoint | None] = [None]

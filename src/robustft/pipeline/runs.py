@@ -24,7 +24,8 @@ from robustft.provenance import git_sha
 from robustft.errors import CheckpointError, ConfigError
 from robustft.safeio import read_json, write_json
 
-__all__ = ["RUN_FILE", "git_sha", "versions", "prepare_run_dir", "read_run_info", "check_writable"]
+__all__ = ["RUN_FILE", "git_sha", "versions", "check_run_dir", "prepare_run_dir", "read_run_info",
+           "check_writable"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,43 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
+def check_run_dir(out: str | Path, *, kind: str, identity: str, overwrite: bool = False,
+                  resume: bool = False) -> bool:
+    """The refusals of :func:`prepare_run_dir`, without writing or deleting anything.
+
+    Call it before any expensive work (loading a model), so that a bad ``--out`` fails at once.
+
+    Returns:
+        True when ``out`` holds this run and is re-entered as it is (a resume, or the same
+        kind and identity); False when it is new, empty, or will be cleared by ``overwrite``.
+
+    Raises:
+        ConfigError: See :func:`prepare_run_dir`.
+    """
+    out = Path(out)
+    existing = out / RUN_FILE
+    if resume:
+        if not existing.is_file():
+            raise ConfigError(f"--resume: {str(out)!r} holds no run to resume; run without --resume first")
+        info = read_run_info(out)
+        if info.get("kind") != kind:
+            raise ConfigError(f"--resume: {str(out)!r} holds a {info.get('kind')} run, not a {kind} run; "
+                              "give the --out of the interrupted run")
+        if info.get("identity") != identity:
+            raise ConfigError(
+                f"--resume: {str(out)!r} was started with a different config (hash {info.get('identity')}, now {identity}); "
+                "resume with the same --config/--set values, or choose another --out"
+            )
+        return True
+    if out.exists() and any(out.iterdir()):
+        same = existing.is_file() and _same_run(out, kind, identity)
+        if not same and not overwrite:
+            what = "a different robustft run" if existing.is_file() else "files that are not a robustft run"
+            raise ConfigError(f"output folder {str(out)!r} already holds {what}; choose another --out or pass --overwrite")
+        return same
+    return False
+
+
 def prepare_run_dir(
     out: str | Path, *, kind: str, identity: str, overwrite: bool = False, resume: bool = False,
     extra: dict[str, Any] | None = None,
@@ -84,28 +122,12 @@ def prepare_run_dir(
         extra: More fields for ``run.json``.
     """
     out = Path(out)
-    existing = out / RUN_FILE
+    kept = check_run_dir(out, kind=kind, identity=identity, overwrite=overwrite, resume=resume)
     if resume:
-        if not existing.is_file():
-            raise ConfigError(f"--resume: {str(out)!r} holds no run to resume; run without --resume first")
-        info = read_run_info(out)
-        if info.get("kind") != kind:
-            raise ConfigError(f"--resume: {str(out)!r} holds a {info.get('kind')} run, not a {kind} run; "
-                              "give the --out of the interrupted run")
-        if info.get("identity") != identity:
-            raise ConfigError(
-                f"--resume: {str(out)!r} was started with a different config (hash {info.get('identity')}, now {identity}); "
-                "resume with the same --config/--set values, or choose another --out"
-            )
         return out
-    if out.exists() and any(out.iterdir()):
-        same = existing.is_file() and _same_run(out, kind, identity)
-        if not same and not overwrite:
-            what = "a different robustft run" if existing.is_file() else "files that are not a robustft run"
-            raise ConfigError(f"output folder {str(out)!r} already holds {what}; choose another --out or pass --overwrite")
-        if not same:
-            logger.warning("--overwrite: removing the previous contents of %s", out)
-            shutil.rmtree(out)
+    if not kept and out.exists() and any(out.iterdir()):
+        logger.warning("--overwrite: removing the previous contents of %s", out)
+        shutil.rmtree(out)
     check_writable(out)
     info = {
         "kind": kind,

@@ -23,7 +23,7 @@ from robustft.data.datasets import EvalSet
 from robustft.data.loaders import make_train_loader
 from robustft.data.synthetic import WorldConfig
 from robustft.distributed import DistEnv, init_distributed
-from robustft.engine.checkpoint import load_best, load_module_state
+from robustft.engine.checkpoint import load_best, load_module_state, refuse_existing_checkpoints
 from robustft.engine.settings import TrainSettings, per_rank_micro_batch
 from robustft.engine.trainer import fit
 from robustft.errors import ConfigError, ModelError
@@ -36,7 +36,7 @@ from robustft.model.clip import ClipBundle
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
-from robustft.pipeline.runs import git_sha, prepare_run_dir
+from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir
 from robustft.reports.results import append_rows, rows_from_results
 from robustft.safeio import load_tensors, save_tensors
 from robustft.reports.tables import summary_table, to_markdown
@@ -171,6 +171,24 @@ def _build_models(cfg: RunConfig, bundle: ClipBundle, data: RunData, progress: b
     return _Models(student=zeroshot, teacher=teacher, zeroshot=keep)
 
 
+def _stage_dirs(cfg: RunConfig, run_dir: Path) -> list[Path]:
+    """Where each stage trains: the run folder itself, or ``stages/<i>-<name>/`` for a multi-stage method."""
+    stages = _stages(cfg)
+    return [run_dir] if len(stages) == 1 else [run_dir / "stages" / f"{i + 1}-{s}" for i, s in enumerate(stages)]
+
+
+def _check_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    """The run folder's refusals, before anything loads and writing nothing.
+
+    A different run (unless ``overwrite``), or checkpoints of this one without ``resume``;
+    the trainer checks the checkpoints again, as a safety net for other callers of ``fit``.
+    """
+    kept = check_run_dir(out, kind="train", identity=identity_of(cfg), overwrite=overwrite, resume=resume)
+    if kept and not resume:
+        for stage_dir in _stage_dirs(cfg, out):
+            refuse_existing_checkpoints(stage_dir)
+
+
 def _stages(cfg: RunConfig) -> list[str]:
     """The stage names of ``cfg``'s method (LP-FT: ["lp", "ft"]), read without building it."""
     return list(METHODS.get(cfg.method.name).stages())
@@ -184,7 +202,7 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
                        teacher_cams=teacher_cams if len(_stages(cfg)) == 1 and cfg.method.name in wanted else None)
     stages = top.stages()
     for i, stage in enumerate(stages):
-        stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / f"{i + 1}-{stage}"
+        stage_dir = _stage_dirs(cfg, run_dir)[i]
         method = top if len(stages) == 1 else build_method(
             stage, models.student, models.teacher, options, teacher_cams=teacher_cams if stage in wanted else None)
         done = stage_dir / "stage_done"
@@ -257,6 +275,7 @@ def run_train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrit
 def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool, progress: bool) -> str:
     start = time.perf_counter()
     micro = _check_early(cfg, dist)
+    dist.on_primary(lambda: _check_out(cfg, out, resume, overwrite))
     if cfg.data.train == "synthetic":
         dist.on_primary(lambda: world_paths() and None)
     bundle = load_model(cfg, dist, progress)
