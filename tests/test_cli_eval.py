@@ -196,3 +196,68 @@ def test_report_writes_tables_and_png_plots(world_runs: dict[str, Path], tmp_pat
     assert {"zeroshot", "ft", "wise-ft"} <= methods
     markdown = (report / "report.md").read_text()
     assert "![" in markdown and "id_vs_ood.png" in markdown and "sketch" in markdown
+
+
+# ----------------------------------------------------------------------------- every run folder evaluates
+TINY_TRAIN = ("--set", "data.limit_train=32", "--set", "data.holdout=8", "--set", "data.eval_sets=[id]")
+
+
+@pytest.fixture(scope="module")
+def wise_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wise-ft run (alphas 0, 0.5, 1) evaluated at the end of training, as `train` does."""
+    out = tmp_path_factory.mktemp("wiserun") / "my-wise"
+    assert main(["train", "--config", "smoke", "--out", str(out), "--no-progress", *TINY_TRAIN,
+                 "--set", "method.name=wise-ft", "--set", "method.alphas=[0.0, 0.5, 1.0]"]) == 0
+    return out
+
+
+def test_eval_of_a_wise_ft_run_takes_its_fine_tuned_end_or_a_named_alpha(
+        wise_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trained = {r.run: r for r in read_rows(wise_run / "results.jsonl")}
+    assert sorted(trained) == ["my-wise@0.00", "my-wise@0.50", "my-wise@1.00"]  # the folder's name, not "smoke"
+    rows = tmp_path / "rows.jsonl"
+    run(capsys, "eval", "--run", str(wise_run), "--out", str(rows), "--no-progress")
+    run(capsys, "eval", "--run", str(wise_run), "--alpha", "0.5", "--out", str(rows), "--no-progress")
+    end, half = read_rows(rows)
+    assert (end.run, end.method, end.alpha, end.dataset) == ("my-wise", "wise-ft", None, "id")
+    assert (half.run, half.alpha) == ("my-wise@0.50", 0.5)
+    assert half.top1 == trained["my-wise@0.50"].top1  # eval --run names and scores it exactly as train did
+    assert end.top1 == trained["my-wise@1.00"].top1  # the fine-tuned end is alpha 1
+    fine_tuned = load_tensors(wise_run / "classifier.safetensors")[0]
+    final = load_tensors(wise_run / "final.safetensors")[0]
+    assert fine_tuned.keys() == final.keys() and all(torch.equal(fine_tuned[k], final[k]) for k in final)
+
+
+def test_eval_with_an_unknown_alpha_lists_the_available_ones(
+        wise_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = tmp_path / "rows.jsonl"
+    capsys.readouterr()
+    assert main(["eval", "--run", str(wise_run), "--alpha", "0.3", "--out", str(rows), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"robustft eval: error: --alpha 0.3: {wise_run} has no WiSE-FT classifier for it; "
+        "available alphas: 0.00, 0.50, 1.00")
+    assert not rows.exists()
+    old_layout = tmp_path / "old-wise"  # a wise-ft run saved before RUN/ held the fine-tuned classifier
+    shutil.copytree(wise_run, old_layout)
+    for name in ("classifier.json", "classifier.safetensors"):
+        (old_layout / name).unlink()
+    assert main(["eval", "--run", str(old_layout), "--out", str(rows), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"robustft eval: error: {old_layout} holds WiSE-FT classifiers only (alphas 0.00, 0.50, 1.00); "
+        "choose one with --alpha A")
+    run(capsys, "eval", "--run", str(old_layout / "wise" / "alpha_1.00"), "--out", str(rows), "--no-progress")
+    (row,) = read_rows(rows)
+    assert (row.run, row.alpha) == ("old-wise@1.00", 1.0)  # pointing at the alpha folder itself names it alike
+
+
+def test_rows_are_named_after_the_folder_unless_the_config_names_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    named, unnamed = tmp_path / "named", tmp_path / "unnamed"
+    for out, extra in ((named, ("--set", "name=my-experiment")), (unnamed, ())):
+        assert main(["train", "--config", "smoke", "--out", str(out), "--no-progress", *TINY_TRAIN, *extra]) == 0
+    rows = tmp_path / "rows.jsonl"
+    for out in (named, unnamed):
+        run(capsys, "eval", "--run", str(out), "--out", str(rows), "--no-progress")
+    assert [r.run for r in read_rows(named / "results.jsonl")] == ["my-experiment"]
+    assert [r.run for r in read_rows(unnamed / "results.jsonl")] == ["unnamed"]  # not the preset's name "smoke"
+    assert [r.run for r in read_rows(rows)] == ["my-experiment", "unnamed"]

@@ -81,7 +81,7 @@ def test_smoke_logs_and_results(smoke_run: tuple[Path, str]) -> None:
     assert {"loss", "loss_task", "lr", "step", "epoch"} <= set(train_rows[-1])
     assert any(r["kind"] == "val" and 0 <= r["top1"] <= 100 for r in records)
     (row,) = read_rows(out / "results.jsonl")
-    assert row.run == "smoke" and row.method == "ft" and row.dataset == "id" and row.alpha is None
+    assert row.run == out.name and row.method == "ft" and row.dataset == "id" and row.alpha is None  # not "smoke"
     n_images = sum(1 for p in Path(world_paths().splits["id"]).rglob("*") if p.is_file())
     assert row.n == n_images and row.n_bad == 0
     assert 0 <= row.top1 <= row.top5 <= 100 and row.seed == 0
@@ -106,6 +106,10 @@ def test_every_trainable_method_trains_from_the_cli(method: str, tmp_path: Path,
                                                     zeroshot_state: dict[str, torch.Tensor]) -> None:
     out = tmp_path / method
     assert train(out, *TINY, "--no-eval", "--set", f"method.name={method}") == 0
+    # Every run folder evaluates (on the test sets it was trained with); rows are named after the folder.
+    assert main(["eval", "--run", str(out), "--out", str(tmp_path / "rows.jsonl"), "--no-progress"]) == 0
+    assert [(r.run, r.method, r.alpha, r.dataset) for r in read_rows(tmp_path / "rows.jsonl")] == [
+        (method, method, None, "id")]
     if method == "wise-ft":
         final = tensors(out / "final.safetensors")
         mixed, meta = load_classifier(out / "wise" / "alpha_0.50")

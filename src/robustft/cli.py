@@ -61,6 +61,8 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run on ImageNet and its shifts or on named datasets")
     p.add_argument("--run", required=True, help="run folder holding a classifier")
+    p.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help="a WiSE-FT run's classifier interpolated at A (RUN/wise/alpha_A) instead of RUN's fine-tuned one")
     p.add_argument("--data-root", default=None, help="folder holding the dataset releases")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--suite", default=None, help="'imagenet-shifts' (ImageNet + its five shifts)")

@@ -82,8 +82,8 @@ def _eval(args: argparse.Namespace) -> int:
     from robustft.pipeline.evaluate import run_eval
 
     _out(run_eval(
-        run=args.run, data_root=args.data_root, suite=args.suite, datasets=args.dataset, paths=args.path,
-        out=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        run=args.run, alpha=args.alpha, data_root=args.data_root, suite=args.suite, datasets=args.dataset,
+        paths=args.path, out=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
         progress=not args.no_progress,
     ))
     return 0

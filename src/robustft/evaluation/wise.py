@@ -1,14 +1,13 @@
 """WiSE-FT sweeps: evaluate weight interpolations between a zero-shot and a fine-tuned model.
 
 ``theta(alpha) = (1 - alpha) * theta_zeroshot + alpha * theta_finetuned`` over every
-weight, head included (Wortsman et al., 2022), computed by
-:func:`robustft.ops.weights.interpolate_state_dicts`, which is exact at both ends: alpha = 0
-and alpha = 1 reproduce the zero-shot and the fine-tuned model bit for bit.
+weight, head included (Wortsman et al., 2022), built by :func:`robustft.ops.weights.blend_into`
+(the two-point case of :func:`robustft.ops.weights.average_state_dicts`), which is exact at
+both ends: alpha = 0 and alpha = 1 reproduce the zero-shot and the fine-tuned model bit for bit.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -16,7 +15,7 @@ from typing import TypeVar
 from torch import nn
 
 from robustft.errors import ConfigError
-from robustft.ops.weights import assert_compatible, interpolate_state_dicts
+from robustft.ops.weights import assert_compatible, blend_into
 
 __all__ = ["wise_ft_sweep"]
 
@@ -33,8 +32,9 @@ def wise_ft_sweep(
 ) -> list[tuple[float, R]]:
     """Evaluate the interpolated classifier at each alpha.
 
-    The two input classifiers are left unchanged; one working copy of the zero-shot
-    classifier is loaded with each interpolation in turn.
+    The two input classifiers are left unchanged; each alpha's classifier is a new copy of
+    the zero-shot one (eval mode, no gradients), built when its turn comes, so one
+    interpolated model is alive at a time unless ``eval_fn`` keeps it.
 
     Args:
         zeroshot_classifier: The alpha = 0 endpoint.
@@ -56,10 +56,10 @@ def wise_ft_sweep(
     theta0 = {k: v.detach() for k, v in zeroshot_classifier.state_dict().items()}
     theta1 = {k: v.detach() for k, v in finetuned_classifier.state_dict().items()}
     assert_compatible(theta0, theta1)
-    work = copy.deepcopy(zeroshot_classifier)
     out: list[tuple[float, R]] = []
     for alpha in map(float, alphas):
-        work.load_state_dict(interpolate_state_dicts(theta0, theta1, alpha))
+        model = blend_into(zeroshot_classifier, [theta0, theta1], [1.0 - alpha, alpha])
         logger.info("WiSE-FT alpha %.3g", alpha)
-        out.append((alpha, eval_fn(work)))
+        out.append((alpha, eval_fn(model)))
+        del model
     return out

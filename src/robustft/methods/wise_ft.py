@@ -6,7 +6,6 @@ head included; one classifier per alpha of the run's ``alphas``.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Mapping
 
@@ -15,7 +14,7 @@ from torch import Tensor
 from robustft.errors import ConfigError
 from robustft.methods.base import Method, register_method
 from robustft.model.classifier import ImageClassifier
-from robustft.ops.weights import interpolate_state_dicts
+from robustft.ops.weights import blend_into
 
 __all__ = ["WiseFt", "WiseClassifiers"]
 
@@ -41,10 +40,10 @@ class WiseClassifiers(Mapping[float, ImageClassifier]):
     def __getitem__(self, alpha: float) -> ImageClassifier:
         if alpha not in self._alphas:
             raise KeyError(alpha)
-        mixed = copy.deepcopy(self._zeroshot)
-        mixed.load_state_dict(interpolate_state_dicts(self._zeroshot.state_dict(), self._student.state_dict(), alpha))
+        mixed = blend_into(self._zeroshot, [self._zeroshot.state_dict(), self._student.state_dict()],
+                           [1.0 - alpha, alpha])
         logger.info("wise-ft: built the alpha=%g classifier", alpha)
-        return mixed.eval().requires_grad_(False)
+        return mixed
 
     def __iter__(self) -> Iterator[float]:
         return iter(self._alphas)

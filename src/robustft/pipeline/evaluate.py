@@ -15,7 +15,7 @@ from robustft.evaluation.wise import wise_ft_sweep
 from robustft.model import ImageClassifier, load_classifier, save_classifier
 from robustft.ops.weights import parse_alphas
 from robustft.pipeline.data import IMAGENET_SUITE
-from robustft.pipeline.runs import git_sha
+from robustft.pipeline.runs import classifier_folder, git_sha, run_label
 from robustft.reports.plots import write_report
 from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
 from robustft.reports.tables import summary_table, to_markdown
@@ -85,6 +85,25 @@ def _device_env(device: str) -> DistEnv:
     return init_distributed(device)
 
 
+def _config_name(meta: dict[str, Any]) -> str | None:
+    cfg = meta.get("extra", {}).get("config")
+    name = cfg.get("name") if isinstance(cfg, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _run_name(folder: Path, meta: dict[str, Any]) -> str:
+    """The rows' ``run``: :func:`run_label` of the run folder, plus ``@alpha`` for a WiSE-FT classifier.
+
+    ``folder`` is the classifier's folder: for ``RUN/wise/alpha_X.XX`` the run folder is
+    ``RUN``, for ``wise --save DIR``'s ``DIR/alpha_X.XX`` it is ``DIR``.
+    """
+    alpha = meta.get("extra", {}).get("alpha")
+    if not isinstance(alpha, (int, float)) or not folder.name.startswith("alpha_"):
+        return run_label(_config_name(meta), folder)
+    top = folder.parent.parent if folder.parent.name == "wise" else folder.parent
+    return f"{run_label(_config_name(meta), top)}@{alpha:.2f}"
+
+
 def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | None = None,
           alpha: float | None = None, config: dict[str, Any] | None = None) -> list[ResultRow]:
     extra = meta.get("extra", {})
@@ -103,17 +122,21 @@ def _table(rows: list[ResultRow]) -> str:
 
 def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],
              out: str, batch_size: int = 256, workers: int | None = None, device: str = "auto",
-             progress: bool = True) -> str:
-    """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``."""
+             alpha: float | None = None, progress: bool = True) -> str:
+    """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``.
+
+    ``alpha`` picks one of a WiSE-FT run's interpolated classifiers (``RUN/wise/alpha_X.XX``)
+    instead of its fine-tuned one (:func:`robustft.pipeline.runs.classifier_folder`)."""
     overrides = parse_pairs(paths, "--path")
     dist = _device_env(device)
     try:
-        classifier, meta = load_classifier(run, device=dist.device)
+        folder = classifier_folder(run, alpha)
+        classifier, meta = load_classifier(folder, device=dist.device)
         names = _requested(suite, datasets, meta)
         sets = resolve_eval_sets(names, meta, data_root=data_root, paths=overrides,
                                  image_size=classifier.preprocess.image_size)
         results = evaluate(classifier, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)
-        rows = _rows(results, meta, Path(run).name)
+        rows = _rows(results, meta, _run_name(folder, meta))
         if dist.is_primary:
             append_rows(out, rows)
         return f"{_table(rows)}\nresults appended to {out}"
@@ -143,7 +166,7 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
         names = _requested(suite, datasets, ft_meta)
         sets = resolve_eval_sets(names, ft_meta, data_root=data_root, paths=overrides,
                                  image_size=ft.preprocess.image_size)
-        method, run = _wise_method(ft_meta), Path(finetuned).name
+        method, run = _wise_method(ft_meta), run_label(_config_name(ft_meta), finetuned)
 
         def eval_fn(model: ImageClassifier) -> list[Any]:
             return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)

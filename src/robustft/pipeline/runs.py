@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import platform
 import shutil
@@ -21,11 +22,12 @@ import torch
 
 from robustft import __version__
 from robustft.provenance import git_sha
+from robustft.config import RunConfig, list_presets
 from robustft.errors import CheckpointError, ConfigError
 from robustft.safeio import read_json, write_json
 
 __all__ = ["RUN_FILE", "git_sha", "versions", "check_run_dir", "prepare_run_dir", "read_run_info",
-           "check_writable"]
+           "check_writable", "run_label", "classifier_folder", "wise_alphas"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +149,54 @@ def _same_run(out: Path, kind: str, identity: str) -> bool:
     except CheckpointError:
         return False
     return info.get("kind") == kind and info.get("identity") == identity
+
+
+def run_label(config_name: str | None, folder: str | Path) -> str:
+    """The ``run`` field of a run's results rows (``train``, ``eval --run`` and ``wise`` all use it).
+
+    The config's ``name`` when the user chose one; the run folder's name when ``name`` is
+    the default (``run``) or the name of a shipped preset, which every run of that preset
+    inherits (so that two runs of one preset never share a ``run``).
+    """
+    if config_name and config_name != RunConfig().name and config_name not in list_presets():
+        return config_name
+    return Path(folder).resolve().name
+
+
+def wise_alphas(run_dir: str | Path) -> dict[float, Path]:
+    """The WiSE-FT classifiers a run folder holds: ``{alpha: RUN/wise/alpha_X.XX}``, by alpha."""
+    found: dict[float, Path] = {}
+    wise = Path(run_dir) / "wise"
+    if wise.is_dir():
+        for path in wise.iterdir():
+            if path.name.startswith("alpha_") and (path / "classifier.json").is_file():
+                try:
+                    found[float(path.name[len("alpha_"):])] = path
+                except ValueError:
+                    continue
+    return dict(sorted(found.items()))
+
+
+def classifier_folder(run: str | Path, alpha: float | None = None) -> Path:
+    """The folder of the classifier to evaluate: ``run`` itself, or its WiSE-FT ``alpha``'s.
+
+    Raises:
+        CheckpointError: ``alpha`` is not one of the run's WiSE-FT alphas (the message lists
+            them), or ``run`` holds interpolated classifiers only and no alpha was named.
+    """
+    run = Path(run)
+    alphas = wise_alphas(run)
+    listing = ", ".join(f"{a:.2f}" for a in alphas)
+    if alpha is None:
+        if alphas and not (run / "classifier.json").is_file():
+            raise CheckpointError(f"{run} holds WiSE-FT classifiers only (alphas {listing}); choose one with --alpha A")
+        return run
+    if not run.is_dir():
+        raise CheckpointError(f"classifier run not found: {run}")
+    for value, path in alphas.items():
+        if math.isclose(value, alpha, abs_tol=1e-6):
+            return path
+    if alphas:
+        raise CheckpointError(f"--alpha {alpha:g}: {run} has no WiSE-FT classifier for it; available alphas: {listing}")
+    raise CheckpointError(f"--alpha {alpha:g}: {run} holds no WiSE-FT classifiers (wise/alpha_X.XX/, written by "
+                          "wise-ft runs); evaluate it without --alpha")

@@ -36,7 +36,7 @@ from robustft.model.clip import ClipBundle
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
-from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir
+from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir, run_label
 from robustft.reports.results import append_rows, rows_from_results
 from robustft.safeio import load_tensors, save_tensors
 from robustft.reports.tables import summary_table, to_markdown
@@ -231,12 +231,23 @@ def _load_final(method: Any, stage_dir: Path) -> None:
     load_module_state(method.trainable_module(), tensors, source=str(stage_dir / "final.safetensors"))
 
 
+def _kept_classifiers(finals: Any, student: ImageClassifier) -> Any:
+    """What the run folder keeps: the fine-tuned classifier at ``RUN/``, then each of ``finals``.
+
+    For WiSE-FT ``finals`` are the interpolations only (``RUN/wise/alpha_X.XX/``); the
+    fine-tuned end is saved too, so that ``robustft eval --run RUN`` works on every run.
+    """
+    if None not in finals:
+        yield None, student
+    yield from finals.items()
+
+
 def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData, run_dir: Path, dist: DistEnv,
                        bundle: ClipBundle, progress: bool) -> list[Any]:
     finals = top.finalize(models.student, models.zeroshot) if models.zeroshot is not None else {None: models.student}
     templates = load_templates(data.templates)
     rows: list[Any] = []
-    for alpha, classifier in finals.items():
+    for alpha, classifier in _kept_classifiers(finals, models.student):
         out = run_dir if alpha is None else run_dir / "wise" / f"alpha_{alpha:.2f}"
         if dist.is_primary:
             save_classifier(classifier, out, model_name=cfg.model.name, pretrained=bundle.pretrained,
@@ -248,11 +259,12 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
         return rows
     image_size = bundle.preprocess.image_size
     test_sets = build_test_sets(cfg, data, image_size, data.classnames)
+    label = run_label(cfg.name, run_dir)
     for alpha, classifier in finals.items():
         results = evaluate(classifier, test_sets, dist_env=dist, batch_size=cfg.data.eval_batch_size,
                            workers=cfg.data.workers, precision=cfg.optim.precision, progress=progress,
                            max_bad_fraction=cfg.data.max_bad_fraction)
-        rows += rows_from_results(results, run=cfg.name if alpha is None else f"{cfg.name}@{alpha:.2f}",
+        rows += rows_from_results(results, run=label if alpha is None else f"{label}@{alpha:.2f}",
                                   method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
                                   git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames)
     if dist.is_primary:
