@@ -33,6 +33,7 @@ __all__ = [
     "no_sync",
     "is_peer_failure",
     "shard_range",
+    "all_gather_with_grad",
 ]
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,89 @@ def no_sync(wrapped: nn.Module) -> contextlib.AbstractContextManager[Any]:
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Indices of ``n`` items this rank handles: a strided shard, no padding, no duplicates."""
     return range(rank, n, world_size)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Autograd core of :func:`all_gather_with_grad`; see there for the gradient convention."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:  # type: ignore[override]
+        with env.peer_failures("all_gather_with_grad"):
+            local_shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+            shapes = [torch.empty_like(local_shape) for _ in range(env.world_size)]
+            dist.all_gather(shapes, local_shape)
+            sizes = [[int(v) for v in shape.tolist()] for shape in shapes]
+            if any(shape[1:] != sizes[env.rank][1:] for shape in sizes):
+                # Every rank sees the same shapes, so every rank raises here together.
+                raise TrainingError(
+                    f"all_gather_with_grad: ranks hold tensors of shapes {[tuple(s) for s in sizes]}; only the "
+                    "first (batch) dimension may differ between ranks"
+                )
+            rows = [shape[0] for shape in sizes]
+            longest = max(rows)
+            local = tensor.contiguous()
+            if local.shape[0] < longest:  # pad to the longest slice; all_gather needs equal shapes
+                padded = local.new_zeros((longest, *local.shape[1:]))
+                padded[: local.shape[0]] = local
+                local = padded
+            parts = [torch.empty_like(local) for _ in range(env.world_size)]
+            dist.all_gather(parts, local)
+        ctx.env = env
+        ctx.start = sum(rows[: env.rank])
+        ctx.stop = ctx.start + rows[env.rank]
+        return torch.cat([part[:n] for part, n in zip(parts, rows)], dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        total = grad.clone(memory_format=torch.contiguous_format)
+        with ctx.env.peer_failures("all_gather_with_grad (backward)"):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.start : ctx.stop], None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, env: DistEnv | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``[b_r, ...]`` tensor along dim 0, in rank order, keeping gradients.
+
+    The result ``[sum_r b_r, ...]`` is the same on every rank (for the contrastive loss over
+    the global batch). Per-rank sizes ``b_r`` may differ (a rank that dropped unreadable
+    images, even to 0 rows); the other dimensions and the dtype must agree. With one process
+    (or ``env`` not distributed) ``tensor`` itself is returned: no copy, no collective.
+
+    Gradient convention: the backward pass SUMS the gradient of the gathered tensor over all
+    ranks and hands this rank's rows of the sum to ``tensor``. Taken together with DDP,
+    which AVERAGES parameter gradients over the N ranks, training minimises
+    ``(1/N) * sum_r L_r``, where ``L_r`` is the loss rank ``r`` computes (for parameters
+    reached through the gathered tensor and for those, like ``logit_scale``, used directly).
+    So, for N processes to match one process holding the global batch:
+
+    - either every rank computes the SAME global loss ``L`` from the gathered tensors (the
+      simple case; ``(1/N) * N * L = L``): call the loss as one process would, no scaling;
+    - or rank ``r`` computes only its own rows' share, and the shares must sum to N times the
+      global loss: for a mean over B global rows, ``L_r = (N / B) * sum_{i in rank r} l_i``.
+
+    Every rank must call this the same number of times, in the same order, and backpropagate
+    through every result (the backward is a collective too). Integer tensors (labels) can be
+    gathered as well; they carry no gradient.
+
+    Args:
+        tensor: This rank's ``[b_r, ...]`` slice, on this rank's device.
+        env: The job's :class:`DistEnv`; None means torch's default process group when one is
+            initialised with more than one process, else a single process.
+
+    Returns:
+        ``[sum_r b_r, ...]``: rank 0's rows first, then rank 1's, ...
+    """
+    if env is None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return tensor
+        env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=tensor.device,
+                      backend=str(dist.get_backend()))
+    if not env.is_distributed:
+        return tensor
+    if tensor.dim() == 0:
+        raise TrainingError("all_gather_with_grad needs a tensor with a batch dimension, got a 0-d tensor")
+    out: torch.Tensor = _GatherWithGrad.apply(tensor, env)
+    return out
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int:
