@@ -261,3 +261,32 @@ def test_rows_are_named_after_the_folder_unless_the_config_names_the_run(
     assert [r.run for r in read_rows(named / "results.jsonl")] == ["my-experiment"]
     assert [r.run for r in read_rows(unnamed / "results.jsonl")] == ["unnamed"]  # not the preset's name "smoke"
     assert [r.run for r in read_rows(rows)] == ["my-experiment", "unnamed"]
+
+
+# ----------------------------------------------------------------------------- reports on any results
+@pytest.mark.parametrize(("dataset", "columns", "reason"), [
+    ("imagenet-a", "| run | method | alpha | seeds | imagenet-a | OOD avg |", "no in-distribution set"),
+    ("imagenet", "| run | method | alpha | seeds | imagenet |", "no shift sets besides imagenet"),
+])
+def test_report_on_shift_only_or_id_only_results(dataset: str, columns: str, reason: str, imagenet_zeroshot: Path,
+                                                 data_root: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    results, report = tmp_path / "results.jsonl", tmp_path / "report"
+    out = run(capsys, "eval", "--run", str(imagenet_zeroshot), "--data-root", str(data_root), "--dataset", dataset,
+              "--out", str(results), "--no-progress")
+    assert columns in out  # eval's own table has the columns these rows allow
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "no ID-vs-OOD plot (id_vs_ood.png not written)" in captured.err and reason in captured.err
+    assert sorted(p.name for p in report.iterdir()) == ["report.csv", "report.md", "shift_bars.png"]
+    with Image.open(report / "shift_bars.png") as image:
+        image.verify()
+    markdown = (report / "report.md").read_text()
+    assert next(line for line in markdown.splitlines() if line.startswith("| run |")) == columns  # only these
+    assert f"No ID-vs-OOD plot: the results hold {reason}" in markdown and "id_vs_ood.png" not in markdown
+    assert "No ID-vs-OOD plot" in captured.out and str(report / "shift_bars.png") in captured.out
+    with (report / "report.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["run"] == imagenet_zeroshot.name and float(row[dataset]) >= 0

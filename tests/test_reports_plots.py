@@ -80,3 +80,16 @@ def test_report_without_shift_results_writes_tables_and_bars_but_no_scatter(tmp_
     md = files["markdown"].read_text()
     assert "id_vs_ood.png" not in md and "shift_bars.png" in md and "| ft-s0 (+1) | ft |" in md
     assert "no ID-vs-OOD plot" in caplog.text
+
+
+def test_report_without_an_id_set_writes_tables_and_bars_of_the_shifts(tmp_path, caplog):
+    rows = [r for r in _rows() if r.dataset == "imagenet-a"]  # e.g. an ImageNet-A evaluation alone
+    files = write_report(rows, tmp_path / "report")
+    assert set(files) == {"markdown", "csv", "shift_bars"}
+    _check_png(files["shift_bars"])
+    md = files["markdown"].read_text()
+    assert "| run | method | alpha | seeds | imagenet-a | OOD avg |" in md
+    assert "No ID-vs-OOD plot: the results hold no in-distribution set" in md
+    assert "no ID-vs-OOD plot (id_vs_ood.png not written)" in caplog.text
+    with pytest.raises(DataError, match="no in-distribution set"):
+        plot_id_vs_ood(rows, tmp_path / "p.png", id_dataset=None)

@@ -125,3 +125,25 @@ def test_shift_datasets_default_to_suite_order_then_others_and_must_exist():
         summary_table(rows, shift_datasets=["objectnet"])
     with pytest.raises(DataError, match="in-distribution dataset 'imagenet-v2'"):
         summary_table(rows, id_dataset="imagenet-v2")
+
+
+def test_tables_have_the_columns_the_rows_allow():
+    from robustft.reports.tables import guess_id_dataset
+
+    shifts_only = [r for r in _rows() if r.dataset != "imagenet"]
+    assert guess_id_dataset(r.dataset for r in shifts_only) is None
+    table = summary_table(shifts_only, None)
+    assert table.columns == ("run", "method", "alpha", "seeds", "imagenet-r", "imagenet-a", "OOD avg")
+    ft = table.rows[1]
+    assert ft[:4] == ("ft-s0 (+2)", "ft", None, 3)
+    assert ft[6].mean == pytest.approx(statistics.mean((v[1] + v[2]) / 2 for v in FT.values()))
+    assert "no in-distribution set" in table.notes[0] and len(table.notes) == 1  # no baseline fit without ID
+    id_only = [r for r in _rows() if r.dataset == "imagenet"]
+    assert guess_id_dataset(r.dataset for r in id_only) == "imagenet"
+    table = summary_table(id_only, "imagenet")
+    assert table.columns == ("run", "method", "alpha", "seeds", "imagenet")
+    assert table.rows[1][4].mean == pytest.approx(82.0)
+    assert "no shift sets" in table.notes[0]
+    assert to_csv(table).splitlines()[0] == "run,method,alpha,seeds,imagenet,imagenet_std"
+    with pytest.raises(DataError, match="in-distribution dataset 'imagenet' has no results"):
+        summary_table(shifts_only, "imagenet")  # a named ID set must exist

@@ -97,7 +97,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables (md, csv) and plots (png) from results JSONL files")
     p.add_argument("results", nargs="+", help="results JSONL files")
     p.add_argument("--out", required=True, help="folder for report.md, report.csv and the plots")
-    p.add_argument("--id-dataset", default=None, help="in-distribution dataset name (default: imagenet or id)")
+    p.add_argument("--id-dataset", default=None,
+                   help="in-distribution dataset name (default: imagenet or id; with neither, every set is a shift)")
 
 
 def _add_cam(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from robustft.pipeline.data import IMAGENET_SUITE
 from robustft.pipeline.runs import classifier_folder, git_sha, run_label
 from robustft.reports.plots import write_report
 from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
-from robustft.reports.tables import summary_table, to_markdown
+from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
 
 __all__ = ["SUITES", "run_eval", "run_wise", "run_report", "check_datasets", "resolve_eval_sets", "parse_pairs"]
 
@@ -115,9 +115,7 @@ def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | N
 
 
 def _table(rows: list[ResultRow]) -> str:
-    datasets = [r.dataset for r in rows]
-    id_name = next((d for d in ("imagenet", "id") if d in datasets), datasets[0])
-    return to_markdown(summary_table(rows, id_name))
+    return to_markdown(summary_table(rows, guess_id_dataset(r.dataset for r in rows)))
 
 
 def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],

@@ -39,7 +39,7 @@ from robustft.pipeline.data import RunData, build_run_data, build_test_sets, wor
 from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir, run_label
 from robustft.reports.results import append_rows, rows_from_results
 from robustft.safeio import load_tensors, save_tensors
-from robustft.reports.tables import summary_table, to_markdown
+from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
 
 __all__ = ["run_train", "run_cam_cache", "load_model", "method_options", "identity_of"]
 
@@ -310,9 +310,7 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     minutes = (time.perf_counter() - start) / 60
     lines = [f"run {cfg.name} ({cfg.method.name}) finished in {minutes:.1f} min -> {run_dir}"]
     if rows:
-        ids = [r.dataset for r in rows]
-        id_name = "imagenet" if "imagenet" in ids else ("id" if "id" in ids else ids[0])
-        lines.append(to_markdown(summary_table(rows, id_name)))
+        lines.append(to_markdown(summary_table(rows, guess_id_dataset(r.dataset for r in rows))))
         lines.append(f"results appended to {run_dir / RESULTS_FILE}")
     return "\n".join(lines)
 

@@ -3,6 +3,8 @@
 Figures are drawn on matplotlib ``Figure`` objects directly (the Agg renderer, no pyplot
 and no display), so reports work on headless machines and never touch global state.
 Each plot has a title, axis labels with units and a legend, so it reads without the table.
+A report draws the plots its results allow: no ID-vs-OOD scatter without an in-distribution
+set, shift sets, or an entry evaluated on all of them (the log and ``report.md`` say why).
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from matplotlib.figure import Figure
 
 from robustft.errors import DataError
 from robustft.reports.results import ResultRow
-from robustft.reports.tables import OOD_AVG, Entry, Summary, summarize, summary_table, to_csv, to_markdown
+from robustft.reports.tables import (
+    OOD_AVG,
+    Entry,
+    Summary,
+    guess_id_dataset,
+    summarize,
+    summary_table,
+    to_csv,
+    to_markdown,
+)
 
 __all__ = ["plot_id_vs_ood", "plot_shift_bars", "write_report", "default_id_dataset"]
 
@@ -98,7 +109,7 @@ def plot_id_vs_ood(
     rows: Sequence[ResultRow],
     path: PathLike,
     *,
-    id_dataset: str = "imagenet",
+    id_dataset: str | None = "imagenet",
     shift_datasets: Sequence[str] | None = None,
 ) -> Path:
     """Scatter ID top-1 against OOD-average top-1, one marker per method, WiSE-FT curves as lines.
@@ -111,10 +122,16 @@ def plot_id_vs_ood(
         ``path``, written as PNG.
 
     Raises:
-        DataError: See :func:`robustft.reports.tables.summarize`, or no entry has results
-            on the ID set and every shift set.
+        DataError: See :func:`robustft.reports.tables.summarize`; or there is no ID set
+            (``id_dataset`` None), no shift set, or no entry with results on the ID set and
+            every shift set.
     """
     summary = summarize(rows, id_dataset, shift_datasets)
+    if id_dataset is None:
+        raise DataError("the results hold no in-distribution set (imagenet or id; name one with --id-dataset), "
+                        "so there is no ID accuracy to plot")
+    if not summary.shift_datasets:
+        raise DataError(f"the results hold no shift sets besides {id_dataset}, so there is no OOD accuracy to plot")
     curves = _curves(summary)
     in_curve = {id(e) for c in curves.values() for e in c}
     fig = Figure(figsize=(7.5, 6.5))
@@ -149,13 +166,14 @@ def plot_shift_bars(
     rows: Sequence[ResultRow],
     path: PathLike,
     *,
-    id_dataset: str = "imagenet",
+    id_dataset: str | None = "imagenet",
     shift_datasets: Sequence[str] | None = None,
 ) -> Path:
     """Grouped bars: for the ID set, each shift set and the OOD average, one bar per method.
 
     WiSE-FT curves are shown at their alpha nearest 0.5 (the usual default). Error bars
-    are one std over seeds where there are several.
+    are one std over seeds where there are several. With ``id_dataset`` None (no ID set)
+    the groups are the shift sets and their average.
 
     Returns:
         ``path``, written as PNG.
@@ -163,7 +181,8 @@ def plot_shift_bars(
     summary = summarize(rows, id_dataset, shift_datasets)
     names = _names(summary)
     entries = _bar_entries(summary)
-    groups = [id_dataset, *summary.shift_datasets] + ([OOD_AVG] if summary.shift_datasets else [])
+    groups = ([id_dataset] if id_dataset is not None else []) + [*summary.shift_datasets]
+    groups += [OOD_AVG] if summary.shift_datasets else []
     width = 0.8 / max(1, len(entries))
     fig = Figure(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(entries)) * 0.45 + 2), 5.0))
     ax = fig.add_subplot()
@@ -191,9 +210,9 @@ def default_id_dataset(rows: Sequence[ResultRow]) -> str:
         DataError: Neither is present (pass the in-distribution dataset explicitly).
     """
     present = {r.dataset for r in rows}
-    for name in ("imagenet", "id"):
-        if name in present:
-            return name
+    found = guess_id_dataset(present)
+    if found is not None:
+        return found
     raise DataError(f"cannot tell the in-distribution dataset among {sorted(present)}; name it explicitly")
 
 
@@ -209,34 +228,38 @@ def write_report(
     Args:
         rows: Results rows.
         out_dir: Output folder (created if missing).
-        id_dataset: The in-distribution dataset; None picks :func:`default_id_dataset`.
+        id_dataset: The in-distribution dataset; None picks ``imagenet`` or ``id`` when
+            present, else the rows have no ID set (every dataset is a shift set).
         shift_datasets: Shift datasets of the OOD average; None means all others present.
 
     Returns:
         ``{"markdown", "csv", "id_vs_ood", "shift_bars"}`` -> the written files; without
-        shift results (no shift set, or no entry evaluated on all of them) there is no
-        ``id_vs_ood`` plot, and the log says why.
+        an ID set or shift results (no shift set, or no entry evaluated on all of them)
+        there is no ``id_vs_ood`` plot, and the log and ``report.md`` say why.
 
     Raises:
         DataError: No rows, incomparable results, or a missing ID/shift dataset.
     """
-    id_dataset = id_dataset or default_id_dataset(rows)
+    if id_dataset is None:
+        id_dataset = guess_id_dataset(r.dataset for r in rows)
     out = Path(out_dir)
     table = summary_table(rows, id_dataset, shift_datasets)  # refuses incomparable rows before anything is written
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
+    skipped: list[str] = []
     try:
         files["id_vs_ood"] = plot_id_vs_ood(rows, out / "id_vs_ood.png", id_dataset=id_dataset,
                                             shift_datasets=shift_datasets)
-    except DataError as exc:  # the rows were checked above: this only means no shift results to plot
-        logger.warning("no ID-vs-OOD plot: %s", exc)
+    except DataError as exc:  # the rows were checked above: this only means no ID or shift results to plot
+        logger.warning("no ID-vs-OOD plot (id_vs_ood.png not written): %s", exc)
+        skipped.append(f"No ID-vs-OOD plot: {exc}.")
     files["shift_bars"] = plot_shift_bars(rows, out / "shift_bars.png", id_dataset=id_dataset,
                                           shift_datasets=shift_datasets)
     sources = sorted({(r.source or "<memory>").rsplit(":", 1)[0] for r in rows})
     images = (["![ID vs OOD accuracy](id_vs_ood.png)", ""] if "id_vs_ood" in files else []) + [
         "![Accuracy per evaluation set](shift_bars.png)", ""]
     text = "\n".join([
-        "# Results", "", to_markdown(table), *images,
+        "# Results", "", to_markdown(table), *(line for note in skipped for line in (note, "")), *images,
         f"Sources: {', '.join(sources)} ({len(rows)} rows).", "",
     ])
     files["markdown"] = out / "report.md"

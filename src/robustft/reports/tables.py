@@ -6,6 +6,10 @@ when absent), so the seeds of one setting form one entry and are shown as mean �
 (sample standard deviation) with their count. Effective robustness is measured against
 the zero-shot line of :mod:`robustft.evaluation.robustness`, fitted to the zero-shot
 entries' (ID top-1, OOD-average top-1) points of the same report.
+
+Results need not hold both kinds of set: without an in-distribution set (e.g. ImageNet-A
+alone) every dataset counts as a shift set and the ID column and effective robustness are
+left out; without shift sets the OOD average and effective robustness are left out.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from robustft.reports.results import ResultRow
 
 __all__ = [
     "SUITE_ORDER",
+    "ID_DATASETS",
     "ZEROSHOT_METHODS",
     "Stat",
     "Entry",
     "Summary",
     "Table",
     "check_comparable",
+    "guess_id_dataset",
     "summarize",
     "summary_table",
     "to_markdown",
@@ -41,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 SUITE_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a")
 ZEROSHOT_METHODS = ("zeroshot", "zero-shot", "zero_shot")
+ID_DATASETS = ("imagenet", "id")  # the in-distribution set when none is named: ImageNet, or a user's own "id"
 OOD_AVG = "OOD avg"
 EFF_ROB = "eff. robustness"
 
@@ -88,27 +95,43 @@ class Entry:
         """Replicate keys (``seed=<n>``, or ``run=<name>`` for rows without a seed), sorted."""
         return sorted({rep for per in self.top1.values() for rep in per})
 
-    def points(self, id_dataset: str, shifts: Sequence[str]) -> dict[str, tuple[float, float]]:
-        """Replicate -> (ID top-1, OOD average) for replicates that have every dataset."""
-        out = {}
+    def points(self, id_dataset: str | None, shifts: Sequence[str]) -> dict[str, tuple[float, float]]:
+        """Replicate -> (ID top-1, OOD average) for replicates that have every dataset (none without an ID set)."""
+        out: dict[str, tuple[float, float]] = {}
+        if id_dataset is None:
+            return out
         for rep in self.replicates:
             values = [self.top1.get(d, {}).get(rep) for d in (id_dataset, *shifts)]
             if shifts and all(v is not None for v in values):
                 out[rep] = (values[0], math.fsum(values[1:]) / len(shifts))
         return out
 
+    def ood_values(self, shifts: Sequence[str]) -> list[float]:
+        """The OOD average of each replicate that has every shift set."""
+        out = []
+        for rep in self.replicates:
+            values = [self.top1.get(d, {}).get(rep) for d in shifts]
+            if shifts and all(v is not None for v in values):
+                out.append(math.fsum(values) / len(shifts))  # type: ignore[arg-type]
+        return out
+
 
 @dataclass
 class Summary:
-    """Grouped results plus the zero-shot baseline fit (None without zero-shot results)."""
+    """Grouped results plus the zero-shot baseline fit (None without zero-shot results).
 
-    id_dataset: str
+    ``id_dataset`` is None when the results hold no in-distribution set.
+    """
+
+    id_dataset: str | None
     shift_datasets: list[str]
     entries: list[Entry]
     fit: RobustnessFit | None
 
     def ood(self, entry: Entry) -> Stat | None:
-        """OOD-average top-1 over the entry's replicates that have every shift set."""
+        """OOD-average top-1 over the entry's replicates that have every shift set (and the ID set, if any)."""
+        if self.id_dataset is None:
+            return Stat.of(entry.ood_values(self.shift_datasets))
         return Stat.of([ood for _, ood in entry.points(self.id_dataset, self.shift_datasets).values()])
 
     def eff_robustness(self, entry: Entry) -> Stat | None:
@@ -151,7 +174,13 @@ def check_comparable(rows: Sequence[ResultRow]) -> None:
                 )
 
 
-def _default_shifts(datasets: Iterable[str], id_dataset: str) -> list[str]:
+def guess_id_dataset(datasets: Iterable[str]) -> str | None:
+    """The in-distribution set among ``datasets``: ``imagenet``, else ``id``, else None (no ID set)."""
+    present = set(datasets)
+    return next((d for d in ID_DATASETS if d in present), None)
+
+
+def _default_shifts(datasets: Iterable[str], id_dataset: str | None) -> list[str]:
     present = set(datasets) - {id_dataset}
     known = [d for d in SUITE_ORDER if d in present]
     return known + sorted(present - set(known))
@@ -177,7 +206,9 @@ def _group(rows: Sequence[ResultRow]) -> list[Entry]:
     return zs_first
 
 
-def _fit(entries: Sequence[Entry], id_dataset: str, shifts: Sequence[str]) -> RobustnessFit | None:
+def _fit(entries: Sequence[Entry], id_dataset: str | None, shifts: Sequence[str]) -> RobustnessFit | None:
+    if id_dataset is None or not shifts:
+        return None  # effective robustness needs an ID set and shift sets
     zeroshot = [e for e in entries if e.method in ZEROSHOT_METHODS]
     if not zeroshot:  # a WiSE-FT curve's alpha = 0 point is the zero-shot model
         zeroshot = [e for e in entries if e.alpha == 0.0]
@@ -190,10 +221,13 @@ def _fit(entries: Sequence[Entry], id_dataset: str, shifts: Sequence[str]) -> Ro
 
 def summarize(
     rows: Sequence[ResultRow],
-    id_dataset: str = "imagenet",
+    id_dataset: str | None = "imagenet",
     shift_datasets: Sequence[str] | None = None,
 ) -> Summary:
     """Group rows into entries and fit the zero-shot baseline (shared by tables and plots).
+
+    ``id_dataset`` None: the rows hold no in-distribution set, and every dataset (or each
+    of ``shift_datasets``) is a shift set.
 
     Raises:
         DataError: No rows, ``id_dataset`` absent, or incomparable class sets/protocols.
@@ -202,7 +236,7 @@ def summarize(
         raise DataError("no results rows to report")
     check_comparable(rows)
     datasets = {r.dataset for r in rows}
-    if id_dataset not in datasets:
+    if id_dataset is not None and id_dataset not in datasets:
         raise DataError(f"in-distribution dataset {id_dataset!r} has no results; {choices_hint(id_dataset, datasets)}")
     shifts = list(shift_datasets) if shift_datasets is not None else _default_shifts(datasets, id_dataset)
     missing = [d for d in shifts if d not in datasets]
@@ -228,14 +262,18 @@ class Table:
 
 def summary_table(
     rows: Sequence[ResultRow],
-    id_dataset: str = "imagenet",
+    id_dataset: str | None = "imagenet",
     shift_datasets: Sequence[str] | None = None,
 ) -> Table:
     """One row per (run, method, alpha) entry: ID, each shift, OOD average, effective robustness.
 
+    Only the columns the rows allow: no ID column without an ID set, no OOD average without
+    shift sets, no effective robustness without both.
+
     Args:
         rows: Results rows, e.g. from :func:`robustft.reports.results.read_rows`.
-        id_dataset: The in-distribution dataset.
+        id_dataset: The in-distribution dataset; None when the rows hold none (see
+            :func:`guess_id_dataset`).
         shift_datasets: The shift datasets averaged into "OOD avg"; None means every other
             dataset present (the ImageNet suite in its usual order first).
 
@@ -243,15 +281,25 @@ def summary_table(
         DataError: See :func:`summarize`.
     """
     summary = summarize(rows, id_dataset, shift_datasets)
-    columns = ("run", "method", "alpha", "seeds", id_dataset, *summary.shift_datasets, OOD_AVG, EFF_ROB)
+    shifts = summary.shift_datasets
+    sets = ([id_dataset] if id_dataset is not None else []) + list(shifts)
+    with_ood, with_eff = bool(shifts), bool(shifts) and id_dataset is not None
+    columns = ("run", "method", "alpha", "seeds", *sets, *([OOD_AVG] if with_ood else []),
+               *([EFF_ROB] if with_eff else []))
     body = []
     for e in summary.entries:
-        metrics = [summary.stat(e, d) for d in (id_dataset, *summary.shift_datasets)]
-        body.append((e.label, e.method, e.alpha, len(e.replicates), *metrics, summary.ood(e),
-                     summary.eff_robustness(e)))
-    shifts = ", ".join(summary.shift_datasets) or "(no shift sets in these results)"
-    notes = [f"Top-1 accuracy in %; in-distribution: {id_dataset}; {OOD_AVG} = mean of "
-             f"{shifts}; mean ± sample std over seeds where seeds > 1."]
+        cells = [summary.stat(e, d) for d in sets]
+        cells += [summary.ood(e)] if with_ood else []
+        cells += [summary.eff_robustness(e)] if with_eff else []
+        body.append((e.label, e.method, e.alpha, len(e.replicates), *cells))
+    if id_dataset is None:
+        where = ("no in-distribution set in these results (imagenet or id; name one with --id-dataset), so no "
+                 f"effective robustness; {OOD_AVG} = mean of {', '.join(shifts)}")
+    elif shifts:
+        where = f"in-distribution: {id_dataset}; {OOD_AVG} = mean of {', '.join(shifts)}"
+    else:
+        where = f"in-distribution: {id_dataset}; no shift sets in these results, so no {OOD_AVG} or {EFF_ROB}"
+    notes = [f"Top-1 accuracy in %; {where}; mean ± sample std over seeds where seeds > 1."]
     if summary.fit is not None:
         notes.append(f"{EFF_ROB}: OOD avg minus the zero-shot baseline's prediction, in points; "
                      f"baseline: {summary.fit.describe()}.")
