@@ -24,7 +24,6 @@ from robustft.data.captions import (
     captions,
     collate_caption_rows,
 )
-from robustft.data.loaders import EpochSeeded
 from robustft.distributed import DistEnv, all_gather_with_grad, init_distributed
 from robustft.errors import ConfigError, ModelError
 from robustft.model import ClassifierHead, ImageClassifier, build_zeroshot_weights, load_clip
@@ -203,6 +202,9 @@ def test_head_from_text_equals_open_clip_and_robustft_builders(bundle) -> None:
     from_tower = zeroshot_weights_from_text(tower, bundle.tokenizer, CLASSNAMES, TEMPLATES)
     torch.testing.assert_close(from_tower, ours, rtol=1e-5, atol=1e-6)
     assert not from_tower.requires_grad and tower.training  # no autograd; the tower's mode is restored
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a head built inside a bf16 step is still float32
+        torch.testing.assert_close(zeroshot_weights_from_text(tower, bundle.tokenizer, CLASSNAMES, TEMPLATES),
+                                   from_tower, rtol=0, atol=0)
 
 
 def test_head_follows_the_current_tower_and_refresh_is_in_place(bundle, tmp_path: Path,
@@ -351,9 +353,8 @@ def test_loader_over_caption_rows_matches_across_world_sizes() -> None:
 
     def run(rank: int, world: int) -> list[list[tuple[int, int]]]:
         gen = torch.Generator()
-        sampler = CaptionRowSampler(9, 2, rank=rank, world_size=world, seed=0, global_batch=4, keyed=True,
-                                    generator=gen)
-        loader = DataLoader(EpochSeeded(rows, 0), batch_size=4 // world, sampler=sampler, generator=gen,
+        sampler = CaptionRowSampler(9, 2, rank=rank, world_size=world, seed=0, global_batch=4, generator=gen)
+        loader = DataLoader(rows, batch_size=4 // world, sampler=sampler, generator=gen,
                             collate_fn=collate_caption_rows, drop_last=True)
         sampler.set_epoch(1)
         return [list(zip(b["index"].tolist(), b["template"].tolist())) for b in loader]

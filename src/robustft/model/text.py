@@ -17,6 +17,7 @@ The tokenizer stays outside (``ClipBundle.tokenizer``); the tower takes token id
 
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 from collections.abc import Callable, Sequence
 
@@ -27,7 +28,6 @@ from torch import Tensor, nn
 from robustft.errors import ConfigError, ModelError
 from robustft.model.classifier import ClassifierHead, ImageClassifier
 from robustft.model.zeroshot import build_zeroshot_weights
-from robustft.ops.precision import float32_region
 
 __all__ = ["TextTower", "zeroshot_weights_from_text", "zeroshot_head_from_text", "refresh_head"]
 
@@ -150,8 +150,11 @@ def zeroshot_weights_from_text(
     device = next(text_tower.parameters()).device
     was_training = text_tower.training
     text_tower.eval()
+    kind = device.type
+    available = torch.amp.is_autocast_available(kind)
+    no_autocast = torch.autocast(kind, enabled=False) if available else contextlib.nullcontext()
     try:
-        with float32_region(device):
+        with no_autocast:
             return build_zeroshot_weights(text_tower, tokenizer, classnames, templates, batch_classes=batch_classes,
                                           device=device, progress=False, use_cache=False)
     finally:

@@ -18,14 +18,27 @@ Pure tensor maths: for a global batch spread over ranks, gather the features fir
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robustft.errors import ConfigError
-from robustft.ops.precision import float32_region
 
 __all__ = ["contrastive_logits", "clip_contrastive_loss", "positive_targets"]
+
+
+def _autocast_off(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off for ``device``'s type (a no-op where autocast does not exist).
+
+    Inside, ops compute in their inputs' dtype: the loss runs in float32 even in a bf16 step.
+    """
+    kind = torch.device(device).type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def contrastive_logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -49,7 +62,7 @@ def contrastive_logits(image_features: Tensor, text_features: Tensor, logit_scal
     scale = torch.as_tensor(logit_scale, device=image_features.device)
     if scale.numel() != 1:
         raise ConfigError(f"logit_scale must hold one number, got shape {tuple(scale.shape)}")
-    with float32_region(image_features.device):
+    with _autocast_off(image_features.device):
         img = F.normalize(image_features.float(), dim=-1)
         txt = F.normalize(text_features.float(), dim=-1)
         return scale.float().reshape(()).exp() * img @ txt.T
@@ -98,7 +111,7 @@ def clip_contrastive_loss(
         )
     logits = contrastive_logits(image_features, text_features, logit_scale)
     n = logits.shape[0]
-    with float32_region(logits.device):
+    with _autocast_off(logits.device):
         if labels is None:
             targets = torch.arange(n, device=logits.device)
             return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
