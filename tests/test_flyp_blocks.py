@@ -425,6 +425,9 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     weights = torch.arange(6.0).reshape(3, 2)
     (gathered * weights).sum().backward()
     report["raw"] = {"gathered": gathered.tolist(), "grad": local.grad.tolist()}
+    again = local.detach().clone().requires_grad_(True)  # env=None: torch's default process group
+    (all_gather_with_grad(again) * weights).sum().backward()
+    report["raw_default_group"] = again.grad.tolist()
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     env.destroy()
 
@@ -458,3 +461,4 @@ def test_two_gloo_processes_gather_with_grad_match_one_process(tmp_path: Path) -
         assert report["raw"]["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         rows = slice(0, 1) if rank == 0 else slice(1, 3)
         assert report["raw"]["grad"] == (2 * weights[rows]).tolist()  # summed over the 2 ranks
+        assert report["raw_default_group"] == report["raw"]["grad"]
