@@ -58,6 +58,10 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     _add_overwrite(p)
 
 
+def _add_max_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-bad-fraction", type=float, default=None, metavar="F",
+                   help="stop when more than this fraction of a set's images is unreadable (default: the run's "
+                        "data.max_bad_fraction, else 0.001); they are listed in OUT's NAME.bad_images.txt")
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run on ImageNet and its shifts or on named datasets")
     p.add_argument("--run", required=True, help="run folder holding a classifier")
@@ -73,6 +77,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _add_max_bad(p)
 
 
 def _add_wise(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +96,7 @@ def _add_wise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    _add_max_bad(p)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,8 @@ An unreadable or corrupt image (a truncated download, a zero-byte file, a file t
 not an image) is not fatal: ``__getitem__`` returns ``None`` for it, flags it in a
 shared-memory table (so flags set inside DataLoader worker processes reach the main
 process) and :func:`collate_skip_bad` drops it from the batch and counts it. Callers sum
-``batch["n_bad"]`` and call :func:`check_bad_fraction` at the end of a pass.
+``batch["n_bad"]``, call :func:`check_bad_fraction` at the end of a pass and keep the list
+of bad files with :func:`record_bad_paths` (``RUN/bad_images.txt``, one path per line).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from robustft.errors import DataError
+from robustft.safeio import atomic_write_text
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,6 +40,8 @@ __all__ = [
     "collate_skip_bad",
     "BadImageTracker",
     "check_bad_fraction",
+    "record_bad_paths",
+    "BAD_IMAGES_FILE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", "
 _LOAD_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 Sample = tuple[torch.Tensor, int, int]
+
+#: The file, in a run folder, that lists every unreadable image the run met (one path per line).
+BAD_IMAGES_FILE = "bad_images.txt"
 
 
 def list_class_dirs(path: Path) -> list[str]:
@@ -222,7 +229,8 @@ def collate_skip_bad(batch: Sequence[Sample | None]) -> dict[str, Any]:
 
 
 def check_bad_fraction(
-    n_bad: int, n_total: int, max_fraction: float = 0.001, paths: Sequence[str] = (), *, what: str = "dataset"
+    n_bad: int, n_total: int, max_fraction: float = 0.001, paths: Sequence[str] = (), *, what: str = "dataset",
+    setting: str | None = None, listing: str | os.PathLike[str] | None = None,
 ) -> None:
     """Raise :class:`DataError` listing the bad files if too many images were unreadable.
 
@@ -232,6 +240,8 @@ def check_bad_fraction(
         max_fraction: Largest tolerated ``n_bad / n_total``, in ``[0, 1]`` (default 0.1%).
         paths: The unreadable files, for the message (at most 20 are listed).
         what: The dataset's name, for the message.
+        setting: Where the user sets the limit (``data.max_bad_fraction``), for the message.
+        listing: The file that lists every bad path (see :func:`record_bad_paths`), for the message.
     """
     if not 0.0 <= max_fraction <= 1.0:
         raise DataError(f"max bad-image fraction must be in [0, 1], got {max_fraction}")
@@ -239,12 +249,32 @@ def check_bad_fraction(
         return
     fraction = n_bad / n_total
     listed = ", ".join(paths[:20]) + (f", ... ({len(paths)} in all)" if len(paths) > 20 else "")
+    listed = listed or "(paths not recorded)"
+    where = f" (all listed in {listing})" if listing is not None else ""
     if fraction > max_fraction:
+        limit = f" ({setting})" if setting else ""
         raise DataError(
             f"{what}: {n_bad} of {n_total} images unreadable ({100 * fraction:.3f}%), above the limit of "
-            f"{100 * max_fraction:.3f}%; fix or delete these files: {listed or '(paths not recorded)'}"
+            f"{100 * max_fraction:.3f}%{limit}; fix or delete these files{where}: {listed}"
         )
-    logger.warning("%s: skipped %d unreadable of %d images: %s", what, n_bad, n_total, listed or "(paths not recorded)")
+    logger.warning("%s: skipped %d unreadable of %d images%s: %s", what, n_bad, n_total, where, listed)
+
+
+def record_bad_paths(path: str | os.PathLike[str], paths: Iterable[str]) -> list[str]:
+    """Add ``paths`` to the list of bad files at ``path`` (one per line, sorted, no repeats).
+
+    Paths already listed stay listed (a resumed run keeps those met before it stopped). The
+    file is replaced atomically; nothing is written when there is nothing to list.
+
+    Returns:
+        Every path now listed.
+    """
+    out = Path(path)
+    known = set(out.read_text(encoding="utf-8").splitlines()) if out.is_file() else set()
+    merged = sorted((known | {str(p) for p in paths}) - {""})
+    if merged and set(merged) != known:
+        atomic_write_text(out, "".join(f"{p}\n" for p in merged))
+    return merged
 
 
 @dataclass

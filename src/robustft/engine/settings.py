@@ -40,6 +40,8 @@ class TrainableMethod(Protocol):
       "logits": [B, C], ...}``; every other 0-d tensor is a loss term to log.
     - ``extra_state()`` / ``load_extra_state(state)``: per-rank state a resume needs
       besides the weights (generator states), tensors or JSON values; optional.
+    - ``min_batch_size()``: fewest images ``forward`` accepts (1 when absent); a micro-batch
+      left with fewer by unreadable images is skipped on every process; optional.
     - ``train(mode)``: must keep a frozen teacher in eval mode.
     """
 
@@ -70,6 +72,9 @@ class TrainSettings:
         seed: Seeds the global random state at a fresh start (offset by rank).
         select_metric: Key of the ``evaluate`` result that picks the best epoch (higher wins).
         tensorboard: Write TensorBoard scalars.
+        max_bad_fraction: Largest tolerated fraction of unreadable training images, counted
+            over every process and epoch, in [0, 1]; more stops the run with a DataError
+            listing them. None tolerates any number (they are still counted and reported).
     """
 
     epochs: float = 10.0
@@ -88,6 +93,7 @@ class TrainSettings:
     seed: int = 0
     select_metric: str = "top1"
     tensorboard: bool = True
+    max_bad_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -101,6 +107,8 @@ class TrainSettings:
             ("accum_steps", self.accum_steps >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("keep_last", self.keep_last >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),
         ]
+        if self.max_bad_fraction is not None:
+            checks.append(("max_bad_fraction", 0 <= self.max_bad_fraction <= 1, "in [0, 1] (or None: no limit)"))
         for name, ok, rule in checks:
             if not ok or (isinstance(getattr(self, name), float) and not math.isfinite(getattr(self, name))):
                 raise ConfigError(f"training setting {name} = {getattr(self, name)!r} must be {rule}")
@@ -116,6 +124,11 @@ class TrainResult:
         best_step: Step of the best epoch; its weights are in ``best_dir``.
         history: One dict per evaluated epoch (``epoch``, ``step``, the metrics).
         best_dir: ``RUN/best`` or None. last_checkpoint: The newest checkpoint folder.
+        n_images: Training images attempted over every process and epoch (readable + not).
+        n_bad_images: Of those, the unreadable ones (skipped).
+        skipped_micro_batches: Micro-batches skipped on every process because one process's
+            had fewer readable images than the method needs.
+        skipped_steps: Optimizer steps without any usable micro-batch (the weights stayed put).
     """
 
     step: int
@@ -125,6 +138,10 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_dir: Path | None = None
     last_checkpoint: Path | None = None
+    n_images: int = 0
+    n_bad_images: int = 0
+    skipped_micro_batches: int = 0
+    skipped_steps: int = 0
 
 
 def per_rank_micro_batch(global_batch: int, world_size: int, accum_steps: int) -> int:

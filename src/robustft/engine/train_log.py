@@ -101,6 +101,10 @@ class TrainLog:
         self._images += images
         self._bar.update(1)
 
+    def tick(self) -> None:
+        """Count an optimizer step that had no usable micro-batch: the bar moves, nothing is averaged."""
+        self._bar.update(1)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` closes a window (every rank must then call :meth:`emit`)."""
         return self._steps > 0 and (step % self.log_every == 0 or step == self.total_steps)
@@ -127,6 +131,10 @@ class TrainLog:
     def log_eval(self, step: int, epoch: int, metrics: Mapping[str, float], *, best: bool) -> None:
         """Write one validation result (rank 0)."""
         self._write("val", {**{k: float(v) for k, v in metrics.items()}, "step": step, "epoch": epoch, "best": best})
+
+    def log_data(self, step: int, epoch: int, counts: Mapping[str, int]) -> None:
+        """Write the run's unreadable-image and skipped-batch counts so far (rank 0)."""
+        self._write("data", {**{k: int(v) for k, v in counts.items()}, "step": step, "epoch": epoch})
 
     def _write(self, kind: str, record: Mapping[str, Any]) -> None:
         if self._jsonl is not None:

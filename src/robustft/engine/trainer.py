@@ -7,6 +7,19 @@ checkpoints, exact resume (weights, optimizer, schedule, data position, random s
 a graceful stop on SIGINT/SIGTERM, a guard against non-finite losses, and logs (JSONL,
 TensorBoard, progress bar). The loop knows the :class:`TrainableMethod` contract, never a
 concrete method; per-epoch validation is a callable passed in by the pipeline.
+
+Unreadable images: the loader drops them from their micro-batch and counts them
+(``batch["n_bad"]``). Before the forward passes of an optimizer step, one small all-reduce
+sums, over processes, the step's unreadable and attempted images and, per micro-batch, how
+many processes hold fewer readable images than the method needs (``min_batch_size()``). A
+micro-batch that is unusable on any process is skipped on every process (no forward, no
+backward), so DDP's gradient synchronisation stays matched: the last USED micro-batch
+synchronises, and the loss is averaged over the used ones. A step with no usable
+micro-batch leaves the weights and the optimizer untouched but still counts as a step (the
+schedule advances), so step numbers, checkpoints and resume stay exact. The counts are part
+of every checkpoint; above ``max_bad_fraction`` (checked at each epoch end, and as soon as
+the epoch end is certain to exceed it) the run stops with a DataError listing the files,
+which rank 0 also writes to ``RUN/bad_images.txt``.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import contextlib
 import logging
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustft.data.folder import BAD_IMAGES_FILE, check_bad_fraction, record_bad_paths
 from robustft.distributed import DistEnv, no_sync
 from robustft.engine.checkpoint import (
     TrainingCheckpoint,
@@ -70,6 +85,7 @@ def fit(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     on_step_end: Callable[[int], None] | None = None,
+    bad_images_file: str | Path | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``train_loader``; see the module docstring.
 
@@ -88,14 +104,19 @@ def fit(
         progress: Show a progress bar on rank 0.
         config: The run's resolved config, embedded in every checkpoint.
         on_step_end: Called with the step number after every optimizer step (tests, hooks).
+        bad_images_file: Where rank 0 lists the unreadable training images, one path per
+            line (default ``run_dir/bad_images.txt``); the paths come from
+            ``train_loader.dataset.bad_paths()`` when the dataset records them.
 
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved first.
         TrainingError: Non-finite loss or gradient (weights of the last good step are kept),
             or another rank failed.
         CheckpointError: The run folder is unwritable, or resume found only bad checkpoints.
+        DataError: More than ``settings.max_bad_fraction`` of the training images were unreadable.
     """
-    run = _Run(method, train_loader, settings, dist_env or DistEnv(), Path(run_dir), evaluate, config, on_step_end)
+    run = _Run(method, train_loader, settings, dist_env or DistEnv(), Path(run_dir), evaluate, config, on_step_end,
+               None if bad_images_file is None else Path(bad_images_file))
     with StopSignals() as signals, console_redirect(progress and run.dist.is_primary):
         try:
             run.prepare(resume, progress)
@@ -109,7 +130,7 @@ class _Run:
 
     def __init__(self, method: nn.Module, loader: Iterable[Batch], settings: TrainSettings, dist_env: DistEnv,
                  run_dir: Path, evaluate: EvaluateFn | None, config: Mapping[str, Any] | None,
-                 on_step_end: Callable[[int], None] | None) -> None:
+                 on_step_end: Callable[[int], None] | None, bad_file: Path | None = None) -> None:
         _check_method(method, dist_env)
         self.method, self.loader, self.s, self.dist, self.run_dir = method, loader, settings, dist_env, run_dir
         self.evaluate, self.config, self.on_step_end = evaluate, dict(config or {}), on_step_end
@@ -129,6 +150,12 @@ class _Run:
         self.pending: dict[str, Any] | None = None
         self.last_checkpoint: Path | None = None
         self.log: TrainLog | None = None
+        # Over every process and epoch so far; identical on every rank (all-reduced) and checkpointed.
+        self.counts = {"n_images": 0, "n_bad_images": 0, "skipped_micro_batches": 0, "skipped_steps": 0}
+        self.bad_file = bad_file or run_dir / BAD_IMAGES_FILE
+        self.epoch_steps = self.steps_per_epoch
+        hook = getattr(method, "min_batch_size", None)
+        self.min_batch = max(1, int(hook())) if callable(hook) else 1
         self.autocast: Any = (torch.autocast(dist_env.device.type, dtype=torch.bfloat16)
                               if settings.precision == "bf16" else contextlib.nullcontext())
 
@@ -203,6 +230,8 @@ class _Run:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt.path} does not fit this run's optimizer or schedule: {exc}") from None
         self.best, self.history = state.get("best"), list(state.get("history", []))
+        saved = state.get("data_counts") or {}
+        self.counts.update({k: int(saved[k]) for k in self.counts if k in saved})
         if len(ranks) != self.dist.world_size:
             logger.warning("checkpoint written by %d process(es), resuming on %d: random streams are reseeded, "
                            "so results will not match an uninterrupted run exactly", len(ranks), self.dist.world_size)
@@ -233,11 +262,12 @@ class _Run:
             step=self.step, epoch=self.epoch, history=self.history, last_checkpoint=self.last_checkpoint,
             best_metric=None if self.best is None else self.best["value"],
             best_step=None if self.best is None else self.best["step"],
-            best_dir=None if self.best is None else self.run_dir / "best",
+            best_dir=None if self.best is None else self.run_dir / "best", **self.counts,
         )
 
     def _run_epoch(self) -> None:
         steps = min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
+        self.epoch_steps = steps
         batches = self._epoch_batches()
         while self.epoch_step < steps:
             micro = [self._next(batches) for _ in range(self.s.accum_steps)]
@@ -283,7 +313,8 @@ class _Run:
                                 f"reported length ({len(self.loader)})") from None  # type: ignore[arg-type]
 
     def _optimizer_step(self, micro: list[Batch]) -> bool:
-        """Forward/backward every micro-batch, check, clip, step; True when a stop was requested."""
+        """Forward/backward every usable micro-batch, check, clip, step; True when a stop was requested."""
+        micro = self._usable(micro)
         n = len(micro)
         terms: dict[str, Tensor] = {}
         images = 0
@@ -297,18 +328,100 @@ class _Run:
                 terms[name] = terms[name] + value / n if name in terms else value / n
             images += int(batch["image"].shape[0])
         norm = None
-        if self.s.clip_grad_norm > 0:
+        if self.s.clip_grad_norm > 0 and n:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.s.clip_grad_norm)
         stop = self._check(terms, norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if n:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self._skip_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._log.add(terms, images)
+        if n:
+            self._log.add(terms, images)
+        else:
+            self._log.tick()
         return stop
+
+    def _usable(self, micro: list[Batch]) -> list[Batch]:
+        """The micro-batches usable on EVERY process; counts unreadable images (one all-reduce)."""
+        sizes = [int(batch["image"].shape[0]) for batch in micro]
+        n_bad = sum(int(batch.get("n_bad", 0)) for batch in micro)
+        local = [float(size < self.min_batch) for size in sizes] + [float(n_bad), float(sum(sizes) + n_bad)]
+        device = self.dist.device if self.dist.is_distributed else torch.device("cpu")
+        reduced = self.dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist()
+        unusable, step_bad, step_images = reduced[: len(micro)], int(reduced[-2]), int(reduced[-1])
+        self.counts["n_bad_images"] += step_bad
+        self.counts["n_images"] += step_images
+        for i, (size, flag) in enumerate(zip(sizes, unusable)):
+            if not flag:
+                continue
+            self.counts["skipped_micro_batches"] += 1
+            mine = size < self.min_batch
+            if mine or self.dist.is_primary:
+                why = (f"this process has {size} readable image(s) and the method needs at least {self.min_batch}"
+                       if mine else "another process's has too few readable images")
+                logger.warning("step %d: micro-batch %d of %d skipped on every process: %s", self.step + 1, i + 1,
+                               len(micro), why)
+        if step_bad:
+            self._check_bad_early(step_images)
+        return [batch for batch, flag in zip(micro, unusable) if not flag]
+
+    def _skip_optimizer_step(self) -> None:
+        """No process had a usable micro-batch: weights and optimizer stay, the schedule advances."""
+        self.counts["skipped_steps"] += 1
+        logger.warning("step %d: no usable micro-batch on any process; the weights are not updated this step",
+                       self.step + 1)
+        with warnings.catch_warnings():  # PyTorch warns when the schedule moves before any optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+
+    # ---------------------------------------------------------------- unreadable images
+    def _over_limit(self, n_bad: int, n_images: int) -> bool:
+        limit = self.s.max_bad_fraction
+        return limit is not None and n_images > 0 and n_bad / n_images > limit
+
+    def _check_bad_early(self, step_images: int) -> None:
+        """Stop now when the epoch-end check is already certain to fail.
+
+        Every step of a drop-last loader reads the same number of images, so the epoch end
+        will have seen at most ``step_images`` per remaining step more; unreadable ones only add up.
+        """
+        left = max(0, self.epoch_steps - self.epoch_step - 1)
+        if self._over_limit(self.counts["n_bad_images"], self.counts["n_images"] + left * step_images):
+            self._check_bad_images()
+
+    def _bad_paths(self) -> list[str]:
+        """Every process's unreadable training files, merged into ``bad_file`` by rank 0; the full list."""
+        source = getattr(getattr(self.loader, "dataset", None), "bad_paths", None)
+        mine = [str(p) for p in source()] if callable(source) else []
+        merged = sorted({p for part in self.dist.all_gather_object(mine) for p in part})
+        return list(self.dist.on_primary(lambda: record_bad_paths(self.bad_file, merged)))
+
+    def _check_bad_images(self) -> None:
+        """Apply ``max_bad_fraction`` to the counts so far and report them (every rank calls this)."""
+        c = self.counts
+        if not (c["n_bad_images"] or c["skipped_micro_batches"]):
+            return
+        paths = self._bad_paths() if c["n_bad_images"] else []
+        if self.dist.is_primary:
+            self._log.log_data(self.step, self.epoch, c)
+        if self._over_limit(c["n_bad_images"], c["n_images"]):
+            check_bad_fraction(c["n_bad_images"], c["n_images"], float(self.s.max_bad_fraction), paths,
+                               what="training set", setting="data.max_bad_fraction", listing=self.bad_file)
+        if self.dist.is_primary:
+            logger.warning("training set, epoch %d: %d of %d images unreadable so far (skipped%s), %d micro-batch(es) "
+                           "and %d optimizer step(s) skipped%s", self.epoch, c["n_bad_images"], c["n_images"],
+                           f"; listed in {self.bad_file}" if paths else "", c["skipped_micro_batches"],
+                           c["skipped_steps"], "" if self.s.max_bad_fraction is None else
+                           f"; limit {100 * self.s.max_bad_fraction:.3f}%")
 
     def _check(self, terms: Mapping[str, Tensor], norm: Tensor | None) -> bool:
         """One all-reduce per step: any rank non-finite -> error; any rank signalled -> stop."""
-        bad = ~torch.isfinite(terms["loss"])
+        if "loss" in terms:
+            bad = ~torch.isfinite(terms["loss"])
+        else:  # no usable micro-batch this step (on every rank alike)
+            bad = torch.tensor(False, device=self.dist.device)
         if norm is not None:
             bad = bad | ~torch.isfinite(norm)
         flags = torch.stack([bad.float(), torch.tensor(float(self.signals.received is not None), device=bad.device)])
@@ -344,6 +457,7 @@ class _Run:
             self.on_step_end(self.step)
 
     def _end_epoch(self) -> None:
+        self._check_bad_images()
         if self.evaluate is not None:
             metrics = self.dist.broadcast_object(dict(self.evaluate(self.epoch)))
             self.method.train()  # evaluation may have switched the student to eval mode
@@ -378,8 +492,10 @@ class _Run:
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "world_size": self.dist.world_size, "accum_steps": self.s.accum_steps,
             "scheduler": self.scheduler.state_dict(), "rank_states": ranks, "best": self.best,
-            "history": self.history, "config": self.config, **provenance(),
+            "history": self.history, "config": self.config, "data_counts": dict(self.counts), **provenance(),
         }
+        if self.counts["n_bad_images"]:  # the list of files goes with the counts
+            self._bad_paths()
         trainable = self.method.trainable_module()  # type: ignore[operator]
         path = self.dist.on_primary(lambda: str(save_checkpoint(
             self.run_dir, self.step, trainable.state_dict(), self.optimizer.state_dict(), state,

@@ -4,6 +4,10 @@ Each set is read through a non-padded sharded loader (every image is scored by e
 one process), scored with its own protocol (class subset, multi-label sets; see
 :mod:`robustft.evaluation.metrics`), and the counts are summed over processes, so one
 process and N processes give the same numbers. Accuracies are in percent.
+
+Unreadable images are skipped and counted (``EvalResult.n_bad``); their paths are gathered
+from every process, listed in ``bad_images_file`` when one is given, and above
+``max_bad_fraction`` the evaluation stops with a DataError naming them.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from robustft.data.folder import check_bad_fraction
+from robustft.data.folder import check_bad_fraction, record_bad_paths
 from robustft.data.loaders import make_eval_loader
 from robustft.errors import ConfigError, DataError, choices_hint
 from robustft.evaluation.metrics import AccuracyMeter, Scorer
@@ -119,6 +124,8 @@ def evaluate_set(
     precision: str = "fp32",
     progress: bool = True,
     max_bad_fraction: float | None = None,
+    bad_images_file: str | Path | None = None,
+    bad_fraction_setting: str | None = None,
 ) -> EvalResult:
     """Evaluate on one set; see :func:`evaluate` (which sets eval and inference mode)."""
     device = torch.device(dist_env.device)
@@ -132,12 +139,17 @@ def evaluate_set(
               dynamic_ncols=True) as bar:
         _accumulate(classifier, loader, eval_set, meter, autocast, bar, device)
     acc = meter.accuracies(dist_env)
+    if acc["n_bad"] and (max_bad_fraction is not None or bad_images_file is not None):
+        # Decided on the summed counts, so every rank gathers (and raises) alike.
+        mine = [str(p) for p in eval_set.dataset.bad_paths()] if hasattr(eval_set.dataset, "bad_paths") else []
+        paths = sorted({p for part in dist_env.all_gather_object(mine) for p in part})
+        if bad_images_file is not None and dist_env.is_primary:
+            record_bad_paths(bad_images_file, paths)
+        if max_bad_fraction is not None:
+            check_bad_fraction(int(acc["n_bad"]), int(acc["n"] + acc["n_bad"]), max_bad_fraction, paths,
+                               what=eval_set.name, setting=bad_fraction_setting, listing=bad_images_file)
     if acc["n"] == 0:
         raise DataError(f"evaluation set {eval_set.name!r} has no readable images ({acc['n_bad']} unreadable)")
-    if max_bad_fraction is not None:  # on the summed counts, so every rank decides alike
-        paths = eval_set.dataset.bad_paths() if hasattr(eval_set.dataset, "bad_paths") else []
-        check_bad_fraction(int(acc["n_bad"]), int(acc["n"] + acc["n_bad"]), max_bad_fraction, paths,
-                           what=eval_set.name)
     result = EvalResult(dataset=eval_set.name, top1=acc["top1"], top5=acc["top5"], n=int(acc["n"]),
                         n_bad=int(acc["n_bad"]), protocol=eval_set.protocol)
     if dist_env.is_primary:
@@ -159,6 +171,8 @@ def evaluate(
     precision: str = "fp32",
     progress: bool = True,
     max_bad_fraction: float | None = None,
+    bad_images_file: str | Path | None = None,
+    bad_fraction_setting: str | None = None,
 ) -> list[EvalResult]:
     """Top-1 and top-5 accuracy of ``classifier`` on each evaluation set.
 
@@ -178,6 +192,10 @@ def evaluate(
         progress: Show a progress bar (images/s) on the primary process.
         max_bad_fraction: Largest tolerated fraction of unreadable images per set, in
             [0, 1] (more raises DataError listing them); None tolerates any number.
+        bad_images_file: A text file where the primary process lists every unreadable
+            image (one path per line, merged with the paths already there); None: none.
+        bad_fraction_setting: Where the user sets the limit (``--max-bad-fraction``), named
+            in the error message.
 
     Returns:
         One :class:`EvalResult` per set, in the order of ``eval_sets``.
@@ -196,7 +214,8 @@ def evaluate(
                 evaluate_set(
                     classifier, eval_set, dist_env=dist_env, batch_size=batch_size,
                     workers=workers, precision=precision, progress=progress,
-                    max_bad_fraction=max_bad_fraction,
+                    max_bad_fraction=max_bad_fraction, bad_images_file=bad_images_file,
+                    bad_fraction_setting=bad_fraction_setting,
                 )
                 for eval_set in eval_sets
             ]

@@ -43,7 +43,14 @@ from robustft.model.cam import cam_from_forward, compute_cam
 from robustft.model.classifier import ImageClassifier
 from robustft.model.vit import VitOutput
 from robustft.ops.cam import normalize_cam
-from robustft.ops.masking import Counterfactual, MaskingSpec, build_counterfactual, make_generator, parse_masking
+from robustft.ops.masking import (
+    Counterfactual,
+    MaskingSpec,
+    build_counterfactual,
+    make_generator,
+    min_batch_size,
+    parse_masking,
+)
 
 __all__ = ["CounterfactualDistillation", "resolve_masking"]
 
@@ -149,6 +156,10 @@ class CounterfactualDistillation(Method):
             raise ModelError(f"the teacher-CAM cache has shape {tuple(cams.shape)} ({cams.dtype}); this model needs "
                              f"float [N, {grid[0]}, {grid[1]}]: rebuild it for this model")
         return cams.detach().cpu()
+
+    def min_batch_size(self) -> int:
+        """2 for MultiFill and derangement donors (taken among the OTHER images), else 1."""
+        return min_batch_size(self.masking)
 
     @property
     def cam_from_student(self) -> bool:

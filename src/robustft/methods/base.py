@@ -207,6 +207,15 @@ class Method(nn.Module):
         """Classifiers to evaluate after training, keyed by WiSE-FT alpha (None: not interpolated)."""
         return {None: student}
 
+    def min_batch_size(self) -> int:
+        """Fewest readable images a micro-batch needs for :meth:`forward` (default 1).
+
+        Unreadable images are dropped from their micro-batch, which may leave fewer than a
+        method can use (none at all, or one image when donors must be other images). The
+        trainer then skips that micro-batch on every process instead of calling forward.
+        """
+        return 1
+
     def extra_state(self) -> dict[str, Tensor]:
         """Method state a resumed run needs besides the weights (generator states); tensors only."""
         return {}

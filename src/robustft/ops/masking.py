@@ -36,6 +36,7 @@ __all__ = [
     "select_patches",
     "single_donors",
     "multi_donors",
+    "min_batch_size",
     "refill",
     "keep_indices_random",
     "key_mask_from",
@@ -170,6 +171,15 @@ def multi_donors(batch: int, num_patches: int, generator: torch.Generator) -> Te
     draw = torch.randint(0, batch - 1, (batch, num_patches), generator=generator, device=generator.device)
     own = torch.arange(batch, device=generator.device).unsqueeze(1)
     return draw + (draw >= own).long()  # skip over the image's own index
+
+
+def min_batch_size(spec: MaskingSpec) -> int:
+    """Fewest images a batch needs for ``spec``: 2 when donors must be OTHER images, else 1.
+
+    MultiFill and derangement donors never take an image's own patches, so they need a
+    second image; a permutation may map an image to itself, and NoFill takes no donor.
+    """
+    return 2 if spec.fill == "multi" or (spec.fill == "single" and spec.donors == "derangement") else 1
 
 
 def refill(images: Tensor, mask: Tensor, donors: Tensor, patch: int) -> Tensor:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+from robustft.config import DataConfig
 from robustft.data.datasets import EVAL_DATASETS, EvalSet, build_eval_set, build_folder_eval_set
 from robustft.data.layouts import check_layout, format_layout_table
 from robustft.distributed import DistEnv, init_distributed
@@ -20,7 +22,8 @@ from robustft.reports.plots import write_report
 from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
 from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
 
-__all__ = ["SUITES", "run_eval", "run_wise", "run_report", "check_datasets", "resolve_eval_sets", "parse_pairs"]
+__all__ = ["SUITES", "run_eval", "run_wise", "run_report", "check_datasets", "resolve_eval_sets", "parse_pairs",
+           "bad_images_file_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +117,52 @@ def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | N
                              git_sha=git_sha() or "unknown", seed=seed, classnames=meta["classnames"])
 
 
+def bad_images_file_for(out: str | Path) -> Path:
+    """Where `eval` and `wise` list unreadable images: beside the results file (``results.bad_images.txt``)."""
+    path = Path(out)
+    return path.with_name(f"{path.stem}.bad_images.txt")
+
+
+def _max_bad_fraction(given: float | None, meta: dict[str, Any]) -> float:
+    """``--max-bad-fraction`` when given, else the run's ``data.max_bad_fraction``, else the config default."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not (
+                math.isfinite(given) and 0 <= given <= 1):
+            raise ConfigError(f"--max-bad-fraction {given!r} must be a fraction in [0, 1] (e.g. 0.001: one "
+                              "unreadable image in 1,000 is tolerated)")
+        return float(given)
+    cfg = meta.get("extra", {}).get("config")
+    value = cfg.get("data", {}).get("max_bad_fraction") if isinstance(cfg, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    return DataConfig().max_bad_fraction
+
+
+def _bad_note(bad_file: Path, rows: list[ResultRow]) -> str:
+    if not any(r.n_bad for r in rows) or not bad_file.is_file():
+        return ""
+    return f"\nunreadable images skipped (n_bad in the rows), listed in {bad_file}"
+
+
 def _table(rows: list[ResultRow]) -> str:
     return to_markdown(summary_table(rows, guess_id_dataset(r.dataset for r in rows)))
 
 
 def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],
              out: str, batch_size: int = 256, workers: int | None = None, device: str = "auto",
-             alpha: float | None = None, progress: bool = True) -> str:
+             alpha: float | None = None, progress: bool = True, max_bad_fraction: float | None = None) -> str:
     """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``.
 
     ``alpha`` picks one of a WiSE-FT run's interpolated classifiers (``RUN/wise/alpha_X.XX``)
-    instead of its fine-tuned one (:func:`robustft.pipeline.runs.classifier_folder`)."""
+    instead of its fine-tuned one (:func:`robustft.pipeline.runs.classifier_folder`).
+
+    More than ``max_bad_fraction`` unreadable images in a set (default: the run's
+    ``data.max_bad_fraction``) stops with a DataError; every unreadable image is listed in
+    :func:`bad_images_file_for` ``(out)``.
+    """
     overrides = parse_pairs(paths, "--path")
+    _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
+    bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:
         folder = classifier_folder(run, alpha)
@@ -133,11 +170,13 @@ def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: st
         names = _requested(suite, datasets, meta)
         sets = resolve_eval_sets(names, meta, data_root=data_root, paths=overrides,
                                  image_size=classifier.preprocess.image_size)
-        results = evaluate(classifier, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)
+        results = evaluate(classifier, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress,
+                           max_bad_fraction=_max_bad_fraction(max_bad_fraction, meta), bad_images_file=bad_file,
+                           bad_fraction_setting="--max-bad-fraction")
         rows = _rows(results, meta, _run_name(folder, meta))
         if dist.is_primary:
             append_rows(out, rows)
-        return f"{_table(rows)}\nresults appended to {out}"
+        return f"{_table(rows)}\nresults appended to {out}{_bad_note(bad_file, rows)}"
     finally:
         dist.destroy()
 
@@ -149,10 +188,17 @@ def _wise_method(meta: dict[str, Any]) -> str:
 
 def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | None, suite: str | None,
              datasets: str | None, paths: list[str], out: str, save: str | None = None, batch_size: int = 256,
-             workers: int | None = None, device: str = "auto", progress: bool = True) -> str:
-    """Interpolate a zero-shot and a fine-tuned run at each alpha; evaluate each; keep the curve."""
+             workers: int | None = None, device: str = "auto", progress: bool = True,
+             max_bad_fraction: float | None = None) -> str:
+    """Interpolate a zero-shot and a fine-tuned run at each alpha; evaluate each; keep the curve.
+
+    Unreadable images are handled as in :func:`run_eval` (the default limit is the
+    fine-tuned run's ``data.max_bad_fraction``).
+    """
     alpha_list = parse_alphas(alphas)
     overrides = parse_pairs(paths, "--path")
+    _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
+    bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:
         zs, zs_meta = load_classifier(zeroshot, device=dist.device)
@@ -165,9 +211,11 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
         sets = resolve_eval_sets(names, ft_meta, data_root=data_root, paths=overrides,
                                  image_size=ft.preprocess.image_size)
         method, run = _wise_method(ft_meta), run_label(_config_name(ft_meta), finetuned)
+        limit = _max_bad_fraction(max_bad_fraction, ft_meta)
 
         def eval_fn(model: ImageClassifier) -> list[Any]:
-            return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress)
+            return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress,
+                            max_bad_fraction=limit, bad_images_file=bad_file, bad_fraction_setting="--max-bad-fraction")
 
         curve = wise_ft_sweep(zs, ft, alpha_list, eval_fn)
         rows: list[ResultRow] = []
@@ -177,7 +225,7 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
             append_rows(out, rows)
             if save:
                 _save_curve(zs, ft, alpha_list, ft_meta, Path(save))
-        return f"{_table(rows)}\nWiSE-FT curve ({len(alpha_list)} alphas) appended to {out}"
+        return f"{_table(rows)}\nWiSE-FT curve ({len(alpha_list)} alphas) appended to {out}{_bad_note(bad_file, rows)}"
     finally:
         dist.destroy()
 

@@ -20,6 +20,7 @@ import torch
 
 from robustft.config import RunConfig, config_hash, config_to_dict, dump_config
 from robustft.data.datasets import EvalSet
+from robustft.data.folder import BAD_IMAGES_FILE
 from robustft.data.loaders import make_train_loader
 from robustft.data.synthetic import WorldConfig
 from robustft.distributed import DistEnv, init_distributed
@@ -115,16 +116,20 @@ def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
         epochs=epochs, lr=cfg.method.lp_lr if lp_stage else o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
         warmup_frac=o.warmup, clip_grad_norm=o.clip_grad_norm, accum_steps=o.accum_steps, precision=o.precision,
         checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep, seed=cfg.seed,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
 
 
-def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfig, dist: DistEnv) -> Any:
+def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfig, dist: DistEnv,
+                bad_file: Path | None = None) -> Any:
     if holdout is None:
         return None
 
     def evaluate_holdout(epoch: int) -> dict[str, float]:
         (res,) = evaluate(student, [holdout], dist_env=dist, batch_size=cfg.data.eval_batch_size,
-                          workers=cfg.data.workers, precision=cfg.optim.precision, progress=False)
+                          workers=cfg.data.workers, precision=cfg.optim.precision, progress=False,
+                          max_bad_fraction=cfg.data.max_bad_fraction, bad_images_file=bad_file,
+                          bad_fraction_setting="data.max_bad_fraction")
         return {"top1": res.top1}
 
     return evaluate_holdout
@@ -214,8 +219,9 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
                                    world_size=dist.world_size, seed=cfg.seed)
         logger.info("stage %d/%d: %s", i + 1, len(stages), stage)
         result = fit(method, loader, _settings(cfg, stage, len(stages)), run_dir=stage_dir, dist_env=dist,
-                     resume=resume, evaluate=_holdout_fn(models.student, data.holdout, cfg, dist),
-                     progress=progress, config=config_to_dict(cfg))
+                     resume=resume, evaluate=_holdout_fn(models.student, data.holdout, cfg, dist,
+                                                         run_dir / BAD_IMAGES_FILE),
+                     progress=progress, config=config_to_dict(cfg), bad_images_file=run_dir / BAD_IMAGES_FILE)
         best = load_best(stage_dir)
         if best is not None and data.holdout is not None:
             load_module_state(method.trainable_module(), best[0], source=str(stage_dir / "best"))
@@ -263,7 +269,8 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
     for alpha, classifier in finals.items():
         results = evaluate(classifier, test_sets, dist_env=dist, batch_size=cfg.data.eval_batch_size,
                            workers=cfg.data.workers, precision=cfg.optim.precision, progress=progress,
-                           max_bad_fraction=cfg.data.max_bad_fraction)
+                           max_bad_fraction=cfg.data.max_bad_fraction, bad_images_file=run_dir / BAD_IMAGES_FILE,
+                           bad_fraction_setting="data.max_bad_fraction")
         rows += rows_from_results(results, run=label if alpha is None else f"{label}@{alpha:.2f}",
                                   method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
                                   git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames)
@@ -299,6 +306,8 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     if dist.is_primary:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         add_file_handler(run_dir / "log.txt")
+        if not resume:  # a fresh start lists only what it meets itself
+            (run_dir / BAD_IMAGES_FILE).unlink(missing_ok=True)
     logger.info("run %s: method %s, model %s (%s), %d training images, %d process(es)\n%s", cfg.name,
                 cfg.method.name, cfg.model.name, bundle.pretrained, len(data.train), dist.world_size, dump_config(cfg))
     if dist.device.type == "cpu" and dist.world_size > 1:
@@ -312,6 +321,10 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
     if rows:
         lines.append(to_markdown(summary_table(rows, guess_id_dataset(r.dataset for r in rows))))
         lines.append(f"results appended to {run_dir / RESULTS_FILE}")
+    bad_list = run_dir / BAD_IMAGES_FILE
+    if bad_list.is_file():
+        n_listed = len(bad_list.read_text(encoding="utf-8").splitlines())
+        lines.append(f"{n_listed} unreadable image(s) skipped, listed in {bad_list}")
     return "\n".join(lines)
 
 
