@@ -99,6 +99,22 @@ def _add_wise(sub: argparse._SubParsersAction) -> None:
     _add_max_bad(p)
 
 
+def _add_soup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("soup", help="model soups: average the weights of several runs (uniform, or greedy on the "
+                                    "held-out split)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="2 or more run folders with classifiers of one architecture and class list")
+    p.add_argument("--out", required=True, help="folder for the soup (a classifier run: `robustft eval --run` it)")
+    p.add_argument("--greedy", action="store_true",
+                   help="greedy soup: best run first, then add each next run only if the held-out top-1 rises "
+                        "(the runs must share their held-out split: same data, data.holdout and seed)")
+    p.add_argument("--batch-size", type=int, default=256, help="held-out evaluation batch size (--greedy)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading workers (--greedy)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    _add_overwrite(p)
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables (md, csv) and plots (png) from results JSONL files")
     p.add_argument("results", nargs="+", help="results JSONL files")
@@ -145,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_train, _add_zeroshot, _add_eval, _add_wise, _add_report, _add_cam, _add_cam_cache):
+    for add in (_add_demo, _add_train, _add_zeroshot, _add_eval, _add_wise, _add_soup, _add_report, _add_cam,
+                _add_cam_cache):
         add(sub)
     sub.add_parser("methods", help="list the registered fine-tuning methods")
     sub.add_parser("presets", help="list the shipped config presets")

@@ -101,6 +101,16 @@ def _wise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soup(args: argparse.Namespace) -> int:
+    from robustft.pipeline.soup import run_soup
+
+    _out(run_soup(
+        runs=args.runs, out=args.out, greedy=args.greedy, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
+    ))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from robustft.pipeline.evaluate import run_report
 
@@ -137,7 +147,7 @@ def _demo(args: argparse.Namespace) -> int:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "methods": _methods, "presets": _presets, "config": _config, "datasets": _datasets,
     "zeroshot": _zeroshot, "train": _train, "eval": _eval, "wise": _wise, "report": _report,
-    "cam": _cam, "cam-cache": _cam_cache, "demo": _demo,
+    "cam": _cam, "cam-cache": _cam_cache, "demo": _demo, "soup": _soup,
 }
 
 

@@ -28,7 +28,8 @@ from robustft.model.clip import load_clip
 from robustft.model.transforms import PreprocessCfg
 from robustft.safeio import load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["save_classifier", "load_classifier", "TENSORS_FILE", "META_FILE", "FORMAT_VERSION"]
+__all__ = ["save_classifier", "load_classifier", "read_classifier_meta", "TENSORS_FILE", "META_FILE",
+           "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,21 @@ def load_classifier(
     classifier.load_state_dict(tensors, strict=True)
     classifier.to(device).eval()
     return classifier, meta
+
+
+def read_classifier_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked metadata (``classifier.json``) of a saved classifier, without loading its tensors.
+
+    Args:
+        path: The run folder, or its ``classifier.json`` / ``classifier.safetensors``.
+
+    Raises:
+        CheckpointError: As :func:`load_classifier` for missing files or a foreign or newer format.
+    """
+    meta_path, _ = _resolve_paths(Path(path))
+    meta = read_json(meta_path)
+    _check_meta(meta, meta_path)
+    return meta
 
 
 def _resolve_paths(path: Path) -> tuple[Path, Path]:
