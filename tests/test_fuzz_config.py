@@ -98,6 +98,9 @@ def _check_fields(node: Any, prefix: str = "") -> None:
             continue
         if isinstance(value, float):
             assert math.isfinite(value), f"{key} = {value!r} was accepted"
+        if value is None:  # an optional field left unset ("use another field's value")
+            assert type(None) in typing.get_args(hints[f.name]), f"{key} = None was accepted"
+            continue
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         assert lo is None or value >= lo, f"{key} = {value!r} < {lo}"
         assert hi is None or value <= hi, f"{key} = {value!r} > {hi}"

@@ -40,8 +40,17 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from robustft.config import build_config, dump_config
+    from robustft.pipeline.train import stage_settings
 
-    _out(dump_config(build_config(args.config, args.overrides)))
+    cfg = build_config(args.config, args.overrides)
+    lines = [dump_config(cfg).rstrip("\n")]
+    stages = stage_settings(cfg)
+    if stages:
+        lines.append("# what each training stage trains with (a probe stage: method.lp_lr, method.lp_weight_decay):")
+    for stage, s in stages:
+        lines.append(f"#   {stage}: lr {s.lr:g}, weight decay {s.weight_decay:g}, {s.epochs:g} epochs, {s.schedule} "
+                     f"schedule, clip {s.clip_grad_norm:g}, {s.precision}")
+    _out("\n".join(lines))
     return 0
 
 

@@ -53,7 +53,7 @@ def _choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
-def _ranged(default: float, lo: float | None = None, hi: float | None = None) -> Any:
+def _ranged(default: float | None, lo: float | None = None, hi: float | None = None) -> Any:
     return field(default=default, metadata={"min": lo, "max": hi})
 
 
@@ -112,8 +112,11 @@ class MethodConfig:
     donors: str = _choice("permutation", "permutation", "derangement")
     label_smoothing: float = _ranged(0.0, 0.0, 1.0)
     alphas: list[float] = field(default_factory=lambda: [0.5])  # WiSE-FT mixing weights
+    # WiSE-FT: which fine-tuned weights are interpolated: "last" (the reference's) or "best" (held-out)
+    wise_endpoint: str = _choice("last", "last", "best")
     lp_epochs: int = _ranged(1, 0)  # LP-FT: epochs of the linear-probe stage
-    lp_lr: float = _ranged(1e-3, 0.0)  # LP-FT / LP: learning rate of the probe
+    lp_lr: float = _ranged(1e-3, 0.0)  # LP and LP-FT's probe stage: learning rate of the probe
+    lp_weight_decay: float | None = _ranged(None, 0.0)  # weight decay of the probe; None: optim.weight_decay
 
 
 @dataclass

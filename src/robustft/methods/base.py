@@ -160,6 +160,12 @@ class Method(nn.Module):
         trains: False for evaluation-only methods (zeroshot): the trainer must not fit them.
         needs_teacher: True when the loss uses the frozen zero-shot model.
         accepts_teacher_cams: True when :func:`build_method` may pass a teacher-CAM cache.
+        probe: True when only the head trains (a linear probe): the pipeline gives such a
+            stage the probe's learning rate and weight decay (``method.lp_lr``,
+            ``method.lp_weight_decay``).
+        interpolates: True when :meth:`finalize` interpolates the fine-tuned weights with the
+            zero-shot ones (WiSE-FT): the pipeline keeps a zero-shot copy for it and
+            ``method.wise_endpoint`` chooses which fine-tuned weights (last or best) it gets.
     """
 
     name: ClassVar[str] = ""
@@ -167,6 +173,8 @@ class Method(nn.Module):
     trains: ClassVar[bool] = True
     needs_teacher: ClassVar[bool] = False
     accepts_teacher_cams: ClassVar[bool] = False
+    probe: ClassVar[bool] = False
+    interpolates: ClassVar[bool] = False
 
     def __init__(self, student: ImageClassifier, teacher: ImageClassifier | None, options: MethodOptions) -> None:
         super().__init__()

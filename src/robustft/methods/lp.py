@@ -23,6 +23,8 @@ class LinearProbe(Method):
     costs one forward. ``param_groups`` holds the head's weight and bias only.
     """
 
+    probe = True
+
     def configure_trainable(self) -> None:
         self.student.requires_grad_(False)
         self.student.head.requires_grad_(True)

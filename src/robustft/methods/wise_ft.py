@@ -56,6 +56,8 @@ class WiseClassifiers(Mapping[float, ImageClassifier]):
 class WiseFt(Method):
     """Trains exactly like ``ft``; :meth:`finalize` gives the interpolated classifiers."""
 
+    interpolates = True
+
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         logits = self.student_call("forward", batch["image"])
         loss = self.task_term(logits, batch["label"])
@@ -65,7 +67,8 @@ class WiseFt(Method):
         """One classifier per alpha of the options: alpha 0 has ``zeroshot``'s weights, alpha 1 ``student``'s.
 
         Args:
-            student: The fine-tuned classifier (the best checkpoint's weights).
+            student: The fine-tuned classifier (the last or the held-out-best weights, as
+                ``method.wise_endpoint`` chose).
             zeroshot: The zero-shot classifier (same architecture and classes).
 
         Raises:

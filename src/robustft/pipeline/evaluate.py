@@ -112,9 +112,15 @@ def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | N
     extra = meta.get("extra", {})
     cfg = config if config is not None else extra.get("config")
     seed = cfg.get("seed") if isinstance(cfg, dict) else None
+    alpha = alpha if alpha is not None else extra.get("alpha")
+    # How the run was trained (donors are drawn within each process's micro-batch) and, for a
+    # WiSE-FT point, which fine-tuned weights were interpolated.
+    details = {k: extra[k] for k in ("micro_batch", "processes", "accum_steps") if k in extra}
+    if alpha is not None:
+        details["wise_endpoint"] = extra.get("endpoint", "unknown")
     return rows_from_results(results, run=run, method=method or extra.get("method", "unknown"),
-                             alpha=alpha if alpha is not None else extra.get("alpha"), config=cfg,
-                             git_sha=git_sha() or "unknown", seed=seed, classnames=meta["classnames"])
+                             alpha=alpha, config=cfg, git_sha=git_sha() or "unknown", seed=seed,
+                             classnames=meta["classnames"], extra=details)
 
 
 def bad_images_file_for(out: str | Path) -> Path:

@@ -42,7 +42,7 @@ from robustft.reports.results import append_rows, rows_from_results
 from robustft.safeio import load_tensors, save_tensors
 from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
 
-__all__ = ["run_train", "run_cam_cache", "load_model", "method_options", "identity_of"]
+__all__ = ["run_train", "run_cam_cache", "load_model", "method_options", "identity_of", "stage_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +109,28 @@ def _check_vit(cfg: RunConfig, bundle: ClipBundle) -> None:
 
 
 def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
-    o = cfg.optim
-    lp_stage = stage == "lp"
-    epochs = cfg.method.lp_epochs if lp_stage and n_stages > 1 else o.epochs
+    o, m = cfg.optim, cfg.method
+    probe = METHODS.get(stage).probe
+    epochs = m.lp_epochs if probe and n_stages > 1 else o.epochs
+    lr = m.lp_lr if probe else o.lr
+    decay = (o.weight_decay if m.lp_weight_decay is None else m.lp_weight_decay) if probe else o.weight_decay
     return TrainSettings(
-        epochs=epochs, lr=cfg.method.lp_lr if lp_stage else o.lr, weight_decay=o.weight_decay, schedule=o.schedule,
+        epochs=epochs, lr=lr, weight_decay=decay, schedule=o.schedule,
         warmup_frac=o.warmup, clip_grad_norm=o.clip_grad_norm, accum_steps=o.accum_steps, precision=o.precision,
         checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep, seed=cfg.seed,
         max_bad_fraction=cfg.data.max_bad_fraction,
     )
+
+
+def stage_settings(cfg: RunConfig) -> list[tuple[str, TrainSettings]]:
+    """What each stage of ``cfg``'s method really trains with: ``[(stage name, settings)]``.
+
+    A probe stage (``lp``, and the first stage of ``lp-ft``) takes ``method.lp_lr`` and
+    ``method.lp_weight_decay`` (``optim.weight_decay`` when unset); in a multi-stage method
+    it runs ``method.lp_epochs``. Every other stage takes ``optim``'s values.
+    """
+    stages = _stages(cfg)
+    return [(stage, _settings(cfg, stage, len(stages))) for stage in stages]
 
 
 def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfig, dist: DistEnv,
@@ -172,7 +185,7 @@ def _build_models(cfg: RunConfig, bundle: ClipBundle, data: RunData, progress: b
     cls = METHODS.get(cfg.method.name)
     needs_teacher = any(METHODS.get(s).needs_teacher for s in _stages(cfg)) or cls.needs_teacher
     teacher = copy.deepcopy(zeroshot).eval().requires_grad_(False) if needs_teacher else None
-    keep = copy.deepcopy(zeroshot).eval().requires_grad_(False) if cfg.method.name == "wise-ft" else None
+    keep = copy.deepcopy(zeroshot).eval().requires_grad_(False) if cls.interpolates else None
     return _Models(student=zeroshot, teacher=teacher, zeroshot=keep)
 
 
@@ -223,13 +236,33 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
                                                          run_dir / BAD_IMAGES_FILE),
                      progress=progress, config=config_to_dict(cfg), bad_images_file=run_dir / BAD_IMAGES_FILE)
         best = load_best(stage_dir)
-        if best is not None and data.holdout is not None:
+        if best is not None and data.holdout is not None and _endpoint(cfg, last_stage=i == len(stages) - 1) == "best":
             load_module_state(method.trainable_module(), best[0], source=str(stage_dir / "best"))
             logger.info("kept the best epoch of stage %s (held-out top-1 %.2f%%)", stage, result.best_metric)
+        elif best is not None and data.holdout is not None:
+            logger.info("kept the last weights of stage %s for WiSE-FT (method.wise_endpoint=last); the best "
+                        "epoch (held-out top-1 %.2f%%) stays in %s", stage, result.best_metric, stage_dir / "best")
         if dist.is_primary:  # the stage's outcome, so that --resume after it never retrains it
             save_tensors(stage_dir / "final.safetensors", method.trainable_module().state_dict())
             done.write_text("ok\n")
     return top
+
+
+def _endpoint(cfg: RunConfig, last_stage: bool = True) -> str:
+    """Which weights a run keeps as its fine-tuned result: "best" (held-out) or "last".
+
+    Every method keeps its held-out-best epoch, except the last stage of a method that
+    interpolates (WiSE-FT), which takes ``method.wise_endpoint`` (the reference: last).
+    """
+    if last_stage and METHODS.get(cfg.method.name).interpolates:
+        return cfg.method.wise_endpoint
+    return "best"
+
+
+def _batch_layout(cfg: RunConfig, dist: DistEnv) -> dict[str, int]:
+    """How the global batch was split: donors and masks are drawn within each process's micro-batch."""
+    micro = per_rank_micro_batch(cfg.data.batch_size, dist.world_size, cfg.optim.accum_steps)
+    return {"micro_batch": micro, "processes": dist.world_size, "accum_steps": cfg.optim.accum_steps}
 
 
 def _load_final(method: Any, stage_dir: Path) -> None:
@@ -252,6 +285,7 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
                        bundle: ClipBundle, progress: bool) -> list[Any]:
     finals = top.finalize(models.student, models.zeroshot) if models.zeroshot is not None else {None: models.student}
     templates = load_templates(data.templates)
+    endpoint = _endpoint(cfg) if data.holdout is not None else "last"
     rows: list[Any] = []
     for alpha, classifier in _kept_classifiers(finals, models.student):
         out = run_dir if alpha is None else run_dir / "wise" / f"alpha_{alpha:.2f}"
@@ -260,7 +294,8 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
                             classnames=data.classnames, templates=templates,
                             extra={"method": cfg.method.name, "alpha": alpha, "config": config_to_dict(cfg),
                                    "folders": data.folders, "folder_classes": data.folder_classes,
-                                   "test_sets": data.test_names})
+                                   "test_sets": data.test_names, "endpoint": endpoint,
+                                   **_batch_layout(cfg, dist)})
     if not cfg.eval.enabled:
         return rows
     image_size = bundle.preprocess.image_size
@@ -273,7 +308,9 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
                            bad_fraction_setting="data.max_bad_fraction")
         rows += rows_from_results(results, run=label if alpha is None else f"{label}@{alpha:.2f}",
                                   method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
-                                  git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames)
+                                  git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames,
+                                  extra={**_batch_layout(cfg, dist),
+                                         **({} if alpha is None else {"wise_endpoint": endpoint})})
     if dist.is_primary:
         # The run's own rows are rewritten, so a --resume after the end never duplicates them.
         (run_dir / RESULTS_FILE).unlink(missing_ok=True)
