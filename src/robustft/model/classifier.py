@@ -24,6 +24,7 @@ from robustft.model.prompts import load_classnames, load_templates
 from robustft.model.transforms import PreprocessCfg, build_eval_transform, resize_center_crop
 from robustft.model.vit import VitOutput, vit_forward, vit_unsupported_reason
 from robustft.model.zeroshot import build_zeroshot_weights
+from robustft.ops.precision import float32_region
 
 if TYPE_CHECKING:
     from robustft.model.clip import ClipBundle
@@ -65,8 +66,13 @@ class ClassifierHead(nn.Module):
         return int(self.weight.shape[0])
 
     def forward(self, features: Tensor) -> Tensor:
-        """[B, D] features (any norm) -> [B, C] logits."""
-        return F.linear(F.normalize(features, dim=-1), self.weight, self.bias)
+        """[B, D] features (any norm) -> [B, C] float32 logits.
+
+        Computed in float32 even under bf16 autocast: the logits carry CLIP's x100 scale,
+        where bf16's 8-bit mantissa would round nearby classes to ties (or swap them).
+        """
+        with float32_region(features.device):
+            return F.linear(F.normalize(features.float(), dim=-1), self.weight.float(), self.bias.float())
 
 
 class ImageClassifier(nn.Module):
@@ -143,7 +149,7 @@ class ImageClassifier(nn.Module):
         if self._vit_problem is not None:
             if options:
                 self.require_vit("return_attn/keep_idx/key_mask/return_ln1")
-            return VitOutput(features=self.visual(x))
+            return VitOutput(features=self.visual(x).float())
         return vit_forward(
             self.visual, x, return_attn=return_attn, keep_idx=keep_idx, key_mask=key_mask, return_ln1=return_ln1
         )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from robustft.errors import ModelError
+from robustft.ops.precision import float32_region
 
 __all__ = ["VitOutput", "vit_unsupported_reason", "vit_forward"]
 
@@ -44,7 +45,8 @@ class VitOutput:
     """What :func:`vit_forward` returns.
 
     Attributes:
-        features: [B, D] projected pooled embedding (ln_post then proj), not L2-normalised.
+        features: [B, D] projected pooled embedding (ln_post then proj), not L2-normalised;
+            float32, with the projection computed in float32 also under bf16 autocast.
         attn: One [B, heads, L, L] post-softmax map per layer (in order), or None.
         ln1: [B, L, W] output of the last block's ln_1, or None.
     """
@@ -256,4 +258,8 @@ def _pool(visual: VisionTransformer, x: Tensor) -> Tensor:
         pooled = visual.ln_post(take(x))
     else:
         pooled = take(visual.ln_post(x))
-    return pooled @ visual.proj if visual.proj is not None else pooled
+    # The projection runs in float32 even under bf16 autocast: the features are the
+    # distillation targets and the head's input (a [B, W] x [W, D] product, cheap).
+    with float32_region(pooled.device):
+        pooled = pooled.float()
+        return pooled @ visual.proj.float() if visual.proj is not None else pooled

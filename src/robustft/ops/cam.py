@@ -9,7 +9,9 @@ patches in row-major order of the patch grid (the order of a ViT's patch embeddi
 
 All functions are vectorised over the batch, keep the input's device, work with or
 without autograd, and never use float64. Half-precision inputs are computed in float32
-(the relevance products accumulate over every layer and lose too much in 16 bits).
+(the relevance products accumulate over every layer and lose too much in 16 bits), and
+:func:`mmcam` and :func:`gradcam` switch autocast off inside, so a caller under bf16
+autocast (a training step with ``optim.precision: bf16``) still gets float32 maths.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from robustft.ops.precision import float32_region
 
 __all__ = ["mmcam", "gradcam", "normalize_cam", "cam_to_grid", "grid_to_cam"]
 
@@ -47,7 +51,7 @@ def mmcam(attn: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
 
     Returns:
         Raw (unnormalised) CAM ``[B, L - 1]``, values ``>= 0``, dtype of the inputs
-        (float32 for 16-bit inputs).
+        (float32 for 16-bit inputs, also under an enclosing autocast).
 
     Raises:
         ValueError: If the lists are empty, differ in length, or shapes do not match.
@@ -61,12 +65,13 @@ def mmcam(attn: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     batch, length = first.shape[0], first.shape[-1]
     dtype = _compute_dtype(first)
     relevance = torch.eye(length, dtype=dtype, device=first.device).expand(batch, length, length)
-    for layer, (a, g) in enumerate(zip(attn, grads)):
-        if a.shape != g.shape or a.dim() != 4 or a.shape[0] != batch or a.shape[-2:] != (length, length):
-            raise ValueError(f"layer {layer}: attention {tuple(a.shape)} and gradient {tuple(g.shape)} must both be "
-                             f"[{batch}, heads, {length}, {length}]")
-        abar = (g.to(dtype) * a.to(dtype)).clamp(min=0).mean(dim=1)
-        relevance = relevance + torch.bmm(abar, relevance)
+    with float32_region(first.device):  # autocast would run the bmm in bf16
+        for layer, (a, g) in enumerate(zip(attn, grads)):
+            if a.shape != g.shape or a.dim() != 4 or a.shape[0] != batch or a.shape[-2:] != (length, length):
+                raise ValueError(f"layer {layer}: attention {tuple(a.shape)} and gradient {tuple(g.shape)} must both "
+                                 f"be [{batch}, heads, {length}, {length}]")
+            abar = (g.to(dtype) * a.to(dtype)).clamp(min=0).mean(dim=1)
+            relevance = relevance + torch.bmm(abar, relevance)
     return relevance[:, 0, 1:]
 
 
@@ -91,8 +96,9 @@ def gradcam(act: Tensor, grad: Tensor) -> Tensor:
         raise ValueError(f"gradcam needs activations and gradients of the same shape [B, L, W]; got "
                          f"{tuple(act.shape)} and {tuple(grad.shape)}")
     dtype = _compute_dtype(act)
-    weights = grad.to(dtype).sum(dim=1)  # [B, W]
-    cam = torch.einsum("bw,blw->bl", weights, act[:, 1:].to(dtype))
+    with float32_region(act.device):  # autocast would run the einsum in bf16
+        weights = grad.to(dtype).sum(dim=1)  # [B, W]
+        cam = torch.einsum("bw,blw->bl", weights, act[:, 1:].to(dtype))
     return torch.relu(cam)
 
 
