@@ -81,3 +81,35 @@ def test_bad_batch_size_and_workers() -> None:
         make_eval_loader(_Toy(3), batch_size=0, workers=0)
     with pytest.raises(ConfigError, match="workers"):
         make_train_loader(_Toy(3), batch_size=1, workers=-1)
+
+
+class _Noisy(Dataset):
+    """Each item draws from torch's global generator, as a random crop would."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return torch.rand(3, 1, 1), i % 3, i
+
+
+def _epoch(loader, epoch: int, skip: int = 0) -> list[tuple[int, list[float]]]:
+    loader.sampler.set_epoch(epoch, skip=skip)
+    return [(int(i), img.flatten().tolist()) for b in loader for i, img in zip(b["index"], b["image"])]
+
+
+def test_augmentation_draws_depend_on_seed_epoch_and_index_only() -> None:
+    plain = make_train_loader(_Noisy(), batch_size=2, workers=0, seed=3)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first, second = _epoch(plain, 0), _epoch(plain, 1)
+    assert torch.equal(torch.get_rng_state(), before)  # the training process's own stream is untouched
+    # Two persistent workers that already loaded epoch 0 draw what a fresh single process draws.
+    pooled = make_train_loader(_Noisy(), batch_size=2, workers=2, seed=3, persistent_workers=True)
+    assert _epoch(pooled, 0) == first and _epoch(pooled, 1) == second
+    # A mid-epoch start (resume) in fresh workers: the same items get the same draws.
+    fresh = make_train_loader(_Noisy(), batch_size=2, workers=2, seed=3)
+    assert _epoch(fresh, 1, skip=4) == second[4:]
+    assert dict(second) != dict(first)
+    assert _epoch(make_train_loader(_Noisy(), batch_size=2, workers=0, seed=4), 0) != first
+    assert plain.dataset.dataset.__class__ is _Noisy and len(plain.dataset) == 12

@@ -6,6 +6,12 @@ Evaluation shards are contiguous and never padded: rank ``r`` of ``W`` reads ite
 the same on every rank for a given epoch, strided over ranks and truncated to a multiple
 of the world size so every rank runs the same number of steps.
 
+Training augmentation draws from PyTorch's global generator inside ``dataset[i]``. The
+training loader reseeds it for every item from ``(seed, epoch, index)`` (see
+:class:`EpochSeeded`), so the crop and flip of image ``i`` in epoch ``e`` do not depend on
+which worker process loads it, what that (persistent) worker loaded before, the number of
+workers or ranks, or whether the run was resumed.
+
 This module takes ``rank`` and ``world_size`` as plain integers; it never imports
 ``torch.distributed`` (only ``robustft.distributed`` does).
 """
@@ -28,6 +34,7 @@ __all__ = [
     "shard_bounds",
     "EvalShardSampler",
     "TrainSampler",
+    "EpochSeeded",
     "make_eval_loader",
     "make_train_loader",
 ]
@@ -88,16 +95,18 @@ class TrainSampler(Sampler[int]):
         seed: Run seed.
         shuffle: False keeps dataset order (still strided over ranks).
         generator: The DataLoader's generator; reseeded from ``(seed, rank, epoch)`` by
-            :meth:`set_epoch` so that worker seeds (random augmentation) are reproducible.
+            :meth:`set_epoch` so that worker base seeds are reproducible.
+        keyed: Yield ``(epoch, index)`` pairs instead of indices, for an :class:`EpochSeeded`
+            dataset.
     """
 
     def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, keyed: bool = False) -> None:
         _check_rank(rank, world_size)
         if n < world_size:
             raise ConfigError(f"a training set of {n} items cannot be split over {world_size} processes")
         self.n, self.rank, self.world_size = n, rank, world_size
-        self.seed, self.shuffle, self.generator = int(seed), shuffle, generator
+        self.seed, self.shuffle, self.generator, self.keyed = int(seed), shuffle, generator, keyed
         self.epoch, self.skip = 0, 0
         self.set_epoch(0)
 
@@ -116,11 +125,51 @@ class TrainSampler(Sampler[int]):
         usable = self.n - self.n % self.world_size
         return order[self.rank : usable : self.world_size][self.skip :]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
+        if self.keyed:
+            epoch = self.epoch
+            return ((epoch, i) for i in self._order())
         return iter(self._order())
 
     def __len__(self) -> int:
         return max(0, self.n // self.world_size - self.skip)
+
+
+class EpochSeeded(Dataset):
+    """A training dataset whose item randomness is a function of ``(seed, epoch, index)`` only.
+
+    ``wrapped[(epoch, i)]`` seeds PyTorch's global generator from ``(seed, epoch, i)``,
+    returns ``dataset[i]`` and restores the generator's previous state (so with
+    ``workers=0`` the training process's own random stream is untouched). A plain index
+    ``wrapped[i]`` is ``dataset[i]`` unseeded. Other attributes are the wrapped dataset's.
+
+    Args:
+        dataset: The training dataset (its transform draws from ``torch``'s global generator,
+            as torchvision's random transforms do).
+        seed: The run seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        state = torch.get_rng_state()
+        torch.manual_seed(_mix(self.seed, "augment", epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "dataset" not in self.__dict__:  # copies and unpickling (workers)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent_workers: bool | None,
@@ -195,12 +244,14 @@ def make_train_loader(
     """A loader over this rank's share of a seeded shuffled order.
 
     Call ``loader.sampler.set_epoch(epoch)`` (a :class:`TrainSampler`) before each epoch.
-    ``batch_size`` is per rank; the global batch is ``batch_size * world_size``. Other
-    arguments are as in :func:`make_eval_loader`.
+    ``batch_size`` is per rank; the global batch is ``batch_size * world_size``. The
+    dataset is wrapped in :class:`EpochSeeded`, so random augmentation of an item depends
+    on ``(seed, epoch, index)`` only. Other arguments are as in :func:`make_eval_loader`.
     """
     _check_batch(batch_size)
     generator = torch.Generator()
     sampler = TrainSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,  # type: ignore[arg-type]
-                           shuffle=shuffle, generator=generator)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator,
+                           shuffle=shuffle, generator=generator, keyed=True)
+    return DataLoader(EpochSeeded(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      generator=generator,
                       collate_fn=collate_fn, **_loader_kwargs(workers, pin_memory, persistent_workers, prefetch_factor))
