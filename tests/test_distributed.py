@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import robustft.distributed
+import robustft.pipeline.train as pipeline_train
+from robustft.cli import main
+from robustft.config import build_config
 from robustft.distributed import DistEnv, ddp_call, init_distributed, is_peer_failure, launcher_env, shard_range, unwrap
+from robustft.distributed import _duplicate_gpus, _resolve_device, set_tf32
 from robustft.engine import TrainSettings, fit, list_checkpoints
 from robustft.errors import ConfigError, TrainingError
 from robustft.safeio import load_tensors, save_tensors
@@ -169,3 +176,139 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     for rank in (0, 1):
         assert json.loads((tmp_path / f"resume_rank{rank}.json").read_text())["same"], rank
     assert [p.name for p in list_checkpoints(tmp_path / "cut")][-1] == "step_00000006"
+
+
+# ----------------------------------------------------------------------------- GPUs per process, TF32
+class _FakeCuda:
+    """torch.cuda as a node with ``count`` visible GPUs would show it (records set_device)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+        self.selected: list[int] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", self.selected.append)
+
+
+def test_srun_with_one_gpu_per_task_uses_the_one_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = _FakeCuda(monkeypatch, count=1)
+    # srun --ntasks-per-node=4 --gpus-per-task=1: local ranks 0..3, each task sees one GPU.
+    for local in range(4):
+        assert _resolve_device("cuda", local, "slurm") == torch.device("cuda", 0)
+    assert cuda.selected == [0, 0, 0, 0]
+
+
+def test_local_rank_beyond_the_visible_gpus_is_an_error_when_gpus_are_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    _FakeCuda(monkeypatch, count=1)
+    # torchrun: every local process sees the node's GPUs, so rank 1 of a 1-GPU node has none.
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU: this process sees 1; .*--nproc_per_node"):
+        _resolve_device("cuda", 1, "torchrun")
+    _FakeCuda(monkeypatch, count=2)
+    assert _resolve_device("cuda", 1, "slurm") == torch.device("cuda", 1)  # a 2-GPU task: the local rank's GPU
+    with pytest.raises(ConfigError, match="local rank 3 has no GPU: this process sees 2; .*--gpus-per-task=1"):
+        _resolve_device("cuda", 3, "slurm")
+
+
+def test_srun_launch_end_to_end_picks_gpu_0_and_checks_gpus_are_distinct(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = _FakeCuda(monkeypatch, count=1)
+    for name, value in {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+                        "MASTER_ADDR": "n0", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    joined: list[tuple] = []
+    monkeypatch.setattr(robustft.distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(robustft.distributed.dist, "init_process_group",
+                        lambda backend, **kw: joined.append((backend, kw["rank"], kw["world_size"])))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="GPU-ab"))
+    places = [("n0", f"GPU-{r}") for r in range(8)]
+
+    def gather(out: list, obj: object) -> None:
+        out[:] = places[:5] + [obj] + places[6:]
+
+    monkeypatch.setattr(robustft.distributed.dist, "all_gather_object", gather)
+    monkeypatch.setattr(robustft.distributed, "set_tf32", lambda enabled: None)
+    env = init_distributed("cuda")
+    assert (env.device, env.local_rank, env.backend, joined) == (torch.device("cuda", 0), 1, "nccl",
+                                                                 [("nccl", 5, 8)])
+    assert cuda.selected == [0]
+    # Without GPU binding two tasks of a node would share one GPU: refused with the fix.
+    places[2] = (socket.gethostname(), "GPU-ab")
+    monkeypatch.setattr(robustft.distributed.dist, "destroy_process_group", lambda: None)
+    with pytest.raises(ConfigError, match="ranks 2 and 5 both run on GPU GPU-ab .*--gpus-per-task=1"):
+        init_distributed("cuda")
+
+
+def test_duplicate_gpus_are_found_per_host() -> None:
+    assert _duplicate_gpus([("a", "g0"), ("a", "g1"), ("b", "g0")]) is None
+    assert _duplicate_gpus([("a", "g0"), ("b", "g0"), ("a", "g0")]) == "ranks 0 and 2 both run on GPU g0 of host a"
+
+
+@pytest.fixture
+def _tf32_restored() -> Iterator[None]:
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("_tf32_restored")
+def test_tf32_is_set_for_cuda_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    set_tf32(False)
+    init_distributed("cpu")  # the CPU has no TF32: the switches are left alone
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    _FakeCuda(monkeypatch, count=1)
+    assert init_distributed("cuda").device == torch.device("cuda", 0)  # on by default
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    init_distributed("cuda", tf32=False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+def test_train_passes_optim_tf32_to_the_device_set_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert build_config("smoke").optim.tf32 is True
+    seen: list[bool] = []
+
+    def init(device: str, timeout_s: float, *, tf32: bool) -> DistEnv:
+        seen.append(tf32)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline_train, "init_distributed", init)
+    for value in ("true", "false"):
+        assert main(["train", "--config", "smoke", "--out", str(tmp_path / value), "--no-progress",
+                     "--set", f"optim.tf32={value}"]) == 2
+    assert seen == [True, False]
+
+
+# ----------------------------------------------------------------------------- every rank, rank 0's weights
+def _broadcast_worker(rank: int, port: int, out: str) -> None:
+    env = _join(rank, 2, port, timeout_s=60.0)
+    torch.manual_seed(rank)  # each rank starts with other weights, as after reading a stale file
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net[1].running_mean.add_(rank + 1.0)
+    with torch.no_grad():
+        net[0].weight.data = net[0].weight.data.t().contiguous().t()  # a non-contiguous parameter
+    env.broadcast_module(net)
+    save_tensors(Path(out) / f"bcast_rank{rank}.safetensors", {k: v.contiguous() for k, v in net.state_dict().items()})
+    env.destroy()
+
+
+@pytest.mark.slow
+def test_broadcast_module_gives_every_rank_rank_0s_weights(tmp_path: Path) -> None:
+    mp.spawn(_broadcast_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, _ = load_tensors(tmp_path / "bcast_rank0.safetensors")
+    rank1, _ = load_tensors(tmp_path / "bcast_rank1.safetensors")
+    torch.manual_seed(0)
+    expected = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict()
+    expected["1.running_mean"] = expected["1.running_mean"] + 1.0
+    for name, value in expected.items():
+        assert torch.equal(rank0[name], value) and torch.equal(rank1[name], value), name
+
+
+def test_train_broadcasts_the_kept_weights_after_each_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(DistEnv, "broadcast_module", lambda self, module, src=0: calls.append(type(module).__name__))
+    out = tmp_path / "run"
+    args = ["train", "--config", "smoke", "--out", str(out), "--no-progress", "--no-eval",
+            "--set", "data.limit_train=24", "--set", "data.holdout=8"]
+    assert main(args) == 0
+    assert calls == ["ImageClassifier"]  # after the best epoch was loaded, before final.safetensors

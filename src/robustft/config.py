@@ -131,6 +131,7 @@ class OptimConfig:
     clip_grad_norm: float = _ranged(1.0, 0.0)  # 0 disables clipping
     accum_steps: int = _ranged(1, 1)
     precision: str = _choice("fp32", "fp32", "bf16")
+    tf32: bool = True  # on CUDA: float32 matmuls and convolutions use TF32 tensor cores (false: full float32)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ __all__ = [
     "is_peer_failure",
     "shard_range",
     "all_gather_with_grad",
+    "set_tf32",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,23 @@ class DistEnv:
         with self.peer_failures("broadcast_object"):
             dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
+        """Overwrite every parameter and persistent buffer of ``module`` with rank ``src``'s, in place.
+
+        For weights each rank read from a file rank 0 wrote (the best epoch, a finished
+        stage): after this every rank holds exactly rank 0's numbers, even when a
+        filesystem served a stale copy. The module must have the same structure on every rank.
+        """
+        if not self.is_distributed:
+            return
+        with torch.no_grad(), self.peer_failures("broadcast_module"):
+            for tensor in module.state_dict().values():
+                staged = not tensor.is_contiguous() or (self.backend == "nccl" and tensor.device.type != "cuda")
+                buf = tensor.to(self.device).contiguous() if staged else tensor
+                dist.broadcast(buf, src=src)
+                if staged:
+                    tensor.copy_(buf)
 
     def barrier(self) -> None:
         """Wait until every rank arrives here (or the timeout passes)."""
@@ -351,7 +370,16 @@ def launcher_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int, s
     return rank, world, local, launcher
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def _resolve_device(device: str, local_rank: int, launcher: str = "single") -> torch.device:
+    """The device of this process: CPU, or the GPU of its local rank among those it sees.
+
+    Under ``torchrun`` every process of a node sees the same GPUs, so local rank ``r``
+    takes GPU ``r`` and needs ``r < device_count``. Under ``srun`` each task may see only
+    its own GPUs (``--gpus-per-task=1``, ``--gpu-bind=single:1``): a task that sees exactly
+    one GPU takes it, whatever its local rank. Anything else with ``r >= device_count`` is
+    an error; two ranks that still land on one physical GPU are caught after the process
+    group is up (:func:`_check_distinct_gpus`).
+    """
     choices = ("auto", "cpu", "cuda")
     if device not in choices:
         raise ConfigError(f"unknown device {device!r}; valid: {', '.join(choices)}")
@@ -362,20 +390,62 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; use device=cpu or auto")
     count = torch.cuda.device_count()
+    index = local_rank
     if local_rank >= count:
-        raise ConfigError(f"local rank {local_rank} has no GPU: only {count} visible on this node")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+        if launcher != "slurm" or count != 1:
+            hint = ("give each task one GPU (srun --gpus-per-task=1) or start at most that many tasks per node"
+                    if launcher == "slurm" else "start at most that many processes per node (--nproc_per_node)")
+            raise ConfigError(f"local rank {local_rank} has no GPU: this process sees {count}; {hint}")
+        index = 0  # srun bound this task to its own single GPU
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+def _duplicate_gpus(places: list[tuple[str, str]]) -> str | None:
+    """Ranks that share one physical GPU, from every rank's ``(host, gpu uuid)``; None when all differ."""
+    first: dict[tuple[str, str], int] = {}
+    for rank, place in enumerate(places):
+        if place in first:
+            return f"ranks {first[place]} and {rank} both run on GPU {place[1]} of host {place[0]}"
+        first[place] = rank
+    return None
+
+
+def _check_distinct_gpus(env: DistEnv) -> None:
+    """Fail clearly when two ranks of a CUDA job were given the same GPU (no binding, too many tasks)."""
+    if env.device.type != "cuda" or not env.is_distributed:
+        return
+    uuid = getattr(torch.cuda.get_device_properties(env.device), "uuid", None)
+    places = env.all_gather_object((socket.gethostname(), str(uuid if uuid is not None else env.device)))
+    clash = _duplicate_gpus(places)
+    if clash is not None:
+        env.destroy()
+        raise ConfigError(f"{clash}; give every process its own GPU (torchrun --nproc_per_node <= GPUs per node, "
+                          "or srun --gpus-per-task=1 / --gpu-bind=single:1)")
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (``enabled``) or not.
+
+    Process-wide (``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``);
+    changes nothing on the CPU. TF32 keeps float32's range with a 10-bit mantissa in the
+    products (sums stay float32): several times faster on A100/H100-class GPUs.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0, *, tf32: bool = True) -> DistEnv:
     """Join the job this process was launched into (or stand alone) and pick its device.
 
     Args:
         device: ``"auto"`` (CUDA when visible, else CPU), ``"cpu"`` or ``"cuda"``; each
-            process takes the GPU of its local rank.
+            process takes the GPU of its local rank, or under ``srun`` the one GPU its task
+            sees (see :func:`_resolve_device`).
         timeout_s: Seconds a collective may wait for the other ranks before raising; this
             is what turns a dead or hung rank into an error instead of a hang.
+        tf32: On a CUDA device, allow TF32 for float32 matmuls and convolutions
+            (:func:`set_tf32`); ignored on the CPU.
 
     Returns:
         The :class:`DistEnv`; backend ``None`` for a single process, ``"nccl"`` on CUDA,
@@ -384,7 +454,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     if not timeout_s > 0:
         raise ConfigError(f"distributed timeout must be > 0 seconds; got {timeout_s}")
     rank, world, local, launcher = launcher_env()
-    dev = _resolve_device(device, local)
+    dev = _resolve_device(device, local, launcher)
+    if dev.type == "cuda":
+        set_tf32(tf32)
     if world == 1:
         return DistEnv(device=dev, timeout_s=timeout_s)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -397,4 +469,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     logger.info("process group up: %s, rank %d of %d (%s), device %s", backend, rank, world, launcher, dev)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, timeout_s=timeout_s)
+    env = DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, timeout_s=timeout_s)
+    _check_distinct_gpus(env)
+    return env

@@ -227,6 +227,7 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
         if resume and done.is_file():
             logger.info("stage %s had finished before; reusing its result", stage)
             _load_final(method, stage_dir)
+            dist.broadcast_module(method.trainable_module())  # rank 0's file is the truth, even on a stale share
             continue
         loader = make_train_loader(data.train, batch_size=micro, workers=cfg.data.workers, rank=dist.rank,
                                    world_size=dist.world_size, seed=cfg.seed)
@@ -242,6 +243,8 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
         elif best is not None and data.holdout is not None:
             logger.info("kept the last weights of stage %s for WiSE-FT (method.wise_endpoint=last); the best "
                         "epoch (held-out top-1 %.2f%%) stays in %s", stage, result.best_metric, stage_dir / "best")
+        # Every rank read best/ itself; make sure they all go on with rank 0's weights.
+        dist.broadcast_module(method.trainable_module())
         if dist.is_primary:  # the stage's outcome, so that --resume after it never retrains it
             save_tensors(stage_dir / "final.safetensors", method.trainable_module().state_dict())
             done.write_text("ok\n")
@@ -321,7 +324,7 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
 def run_train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
               progress: bool = True) -> str:
     """Train ``cfg`` into the run folder ``out``; returns a printable summary."""
-    dist = init_distributed(cfg.device, cfg.dist_timeout_s)
+    dist = init_distributed(cfg.device, cfg.dist_timeout_s, tf32=cfg.optim.tf32)
     try:
         return _run(cfg, Path(out), dist, resume, overwrite, progress)
     finally:
@@ -367,7 +370,7 @@ def _run(cfg: RunConfig, out: Path, dist: DistEnv, resume: bool, overwrite: bool
 
 def run_cam_cache(cfg: RunConfig, progress: bool = True) -> str:
     """`robustft cam-cache`: compute the frozen teacher's CAMs for ``cfg``'s training images."""
-    dist = init_distributed(cfg.device, cfg.dist_timeout_s)
+    dist = init_distributed(cfg.device, cfg.dist_timeout_s, tf32=cfg.optim.tf32)
     try:
         if cfg.method.cam_source != "teacher":
             raise ConfigError("cam-cache precomputes the frozen teacher's CAMs; set method.cam_source=teacher "
