@@ -113,7 +113,9 @@ class TrainLog:
         """Average the window over steps and ranks, write it, and start a new window."""
         names = sorted(self._sums)
         device = self.dist_env.device
-        values = [self._sums[n].to(device) for n in names] + [torch.tensor(float(self._images), device=device)]
+        # torch.full fills on the device (torch.tensor(..., device=cuda) is a blocking copy); .tolist() is
+        # then this window's one host sync.
+        values = [self._sums[n].to(device) for n in names] + [torch.full((), float(self._images), device=device)]
         reduced = self.dist_env.all_reduce_sum(torch.stack(values)).tolist()
         world = self.dist_env.world_size
         record: dict[str, float] = {n: v / (world * self._steps) for n, v in zip(names, reduced)}

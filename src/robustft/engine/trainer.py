@@ -424,7 +424,9 @@ class _Run:
             bad = torch.tensor(False, device=self.dist.device)
         if norm is not None:
             bad = bad | ~torch.isfinite(norm)
-        flags = torch.stack([bad.float(), torch.tensor(float(self.signals.received is not None), device=bad.device)])
+        # new_full fills on the device; torch.tensor(..., device=cuda) would be a blocking copy (a host sync).
+        signalled = bad.new_full((), float(self.signals.received is not None), dtype=torch.float)
+        flags = torch.stack([bad.float(), signalled])
         nonfinite, stop = self.dist.all_reduce_sum(flags).tolist()
         if nonfinite:
             shown = ", ".join(f"{k}={v.item():.6g}" for k, v in terms.items())

@@ -126,9 +126,10 @@ def _target_score(logits: Tensor, labels: Tensor) -> Tensor:
             f"labels must be int64 [B={logits.shape[0]}], got {labels.dtype} of shape {tuple(labels.shape)}"
         )
     labels = labels.to(logits.device)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-        low, high = int(labels.min()), int(labels.max())
-        raise ModelError(f"labels must lie in [0, {logits.shape[1]}); got values in [{low}, {high}]")
+    if labels.numel():
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host read (a sync on a GPU), not two
+        if low < 0 or high >= logits.shape[1]:
+            raise ModelError(f"labels must lie in [0, {logits.shape[1]}); got values in [{low}, {high}]")
     if not logits.requires_grad:
         raise ModelError("CAMs need a forward run with autograd enabled (not under torch.no_grad/inference_mode)")
     return logits.gather(1, labels[:, None]).sum()
