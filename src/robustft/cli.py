@@ -62,6 +62,8 @@ def _add_max_bad(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-fraction", type=float, default=None, metavar="F",
                    help="stop when more than this fraction of a set's images is unreadable (default: the run's "
                         "data.max_bad_fraction, else 0.001); they are listed in OUT's NAME.bad_images.txt")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run on ImageNet and its shifts or on named datasets")
     p.add_argument("--run", required=True, help="run folder holding a classifier")

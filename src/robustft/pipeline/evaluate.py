@@ -238,13 +238,11 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
 
 def _save_curve(zs: ImageClassifier, ft: ImageClassifier, alphas: list[float], meta: dict[str, Any],
                 folder: Path) -> None:
-    from robustft.ops.weights import interpolate_state_dicts
+    from robustft.ops.weights import blend_into
 
+    theta0, theta1 = zs.state_dict(), ft.state_dict()
     for alpha in alphas:
-        import copy
-
-        model = copy.deepcopy(zs)
-        model.load_state_dict(interpolate_state_dicts(zs.state_dict(), ft.state_dict(), alpha))
+        model = blend_into(zs, [theta0, theta1], [1.0 - alpha, alpha])
         save_classifier(model, folder / f"alpha_{alpha:.2f}", model_name=meta["model_name"],
                         pretrained=meta.get("pretrained", "none"), classnames=meta["classnames"],
                         templates=meta.get("templates", []), extra={**meta.get("extra", {}), "alpha": alpha})
