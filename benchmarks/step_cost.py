@@ -349,9 +349,11 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
             setattr(obj, attr, _timed_wrapper(stepper, name, getattr(obj, attr)))
             patched.append((obj, attr))
 
-    if getattr(getattr(method, "masking", None), "needs_cam", False):
-        patch(method, "_cam", "cam")  # the CAM, or its look-up in the teacher-CAM cache
-    patch(method, "counterfactual", "masking")
+    # The counterfactual term of the composition (objective layer) owns the CAM and the masking.
+    term = next((t for t in getattr(method, "reg_terms", ()) if hasattr(t, "counterfactual")), None)
+    if getattr(getattr(term, "masking", None), "needs_cam", False):
+        patch(term, "_cam", "cam")  # the CAM, or its look-up in the teacher-CAM cache
+    patch(term, "counterfactual", "masking")
     patch(teacher, "forward_features", "teacher forward")
     student_call = method.student_call
     calls = {"n": 0}

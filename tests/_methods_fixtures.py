@@ -41,4 +41,20 @@ def zeroshot() -> ImageClassifier:
 def batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return {"image": torch.rand(BATCH, 3, 32, 32, generator=gen),
-            "label": torch.arange(BATCH) % NUM_CLASSES, "index": torch.arange(BATCH)}
+            "label": torch.arange(BATCH) % NUM_CLASSES, "index": torch.arange(BATCH),
+            "template": torch.arange(BATCH) % len(TEMPLATES)}
+
+
+CLASSNAMES = ("red", "green", "blue", "yellow")
+TEMPLATES = ("a photo of a {}.", "a {} thing.")
+
+
+def text_context() -> dict[str, object]:
+    """``build_method``'s context for methods that train the text tower: a fresh tiny text tower."""
+    from robustft.methods.task_contrastive import TextSide
+    from robustft.model.text import TextTower
+
+    torch.manual_seed(0)
+    bundle = load_clip("robustft-tiny", "none")
+    return {"text": TextSide(tower=TextTower.from_clip(bundle.model, copy=True), tokenizer=bundle.tokenizer,
+                             classnames=list(CLASSNAMES), templates=list(TEMPLATES))}

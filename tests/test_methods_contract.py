@@ -12,12 +12,12 @@ from robustft.errors import ConfigError, ModelError
 from robustft.methods import METHODS, MethodOptions, build_method, list_methods
 from robustft.model.classifier import ImageClassifier
 
-from _methods_fixtures import BATCH, NUM_CLASSES, _one_thread, batch, zeroshot  # noqa: F401  (fixtures)
+from _methods_fixtures import BATCH, NUM_CLASSES, _one_thread, batch, text_context, zeroshot  # noqa: F401
 
 
 def _build(name: str, zeroshot: ImageClassifier, **options: object):
     student, teacher = copy.deepcopy(zeroshot), copy.deepcopy(zeroshot)
-    return build_method(name, student, teacher, MethodOptions(**options)), teacher
+    return build_method(name, student, teacher, MethodOptions(**options), context=text_context()), teacher
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def _stage_names() -> list[str]:
 def test_registry_lists_every_paper_method():
     names = [n for n, _ in list_methods()]
     assert names == ["zeroshot", "lp", "ft", "lp-ft", "wise-ft", "kd", "fd", "kd-refill", "fd-refill",
-                     "fd-tokendrop", "fd-attnmask"]
+                     "fd-tokendrop", "fd-attnmask", "l2sp", "flyp", "flyp-fd-refill"]
     assert all(desc and "\n" not in desc for _, desc in list_methods())
 
 
@@ -245,7 +245,7 @@ def test_bad_options_are_config_errors(key, value, match):
 
 def test_which_methods_want_a_teacher_cam_cache():
     wanted = {n for n in METHODS.names() if METHODS.get(n).wants_teacher_cams(MethodOptions(cam_source="teacher"))}
-    assert wanted == {"kd-refill", "fd-refill", "fd-attnmask"}  # tokendrop masks at random
+    assert wanted == {"kd-refill", "fd-refill", "fd-attnmask", "flyp-fd-refill"}  # tokendrop masks at random
     assert not any(METHODS.get(n).wants_teacher_cams(MethodOptions()) for n in METHODS.names())
     rand = MethodOptions(cam_source="teacher", masking="RandMaskSingleFill(0.5)")
     assert not METHODS.get("fd-refill").wants_teacher_cams(rand)

@@ -112,6 +112,8 @@ class MethodConfig:
     donors: str = _choice("permutation", "permutation", "derangement")
     label_smoothing: float = _ranged(0.0, 0.0, 1.0)
     alphas: list[float] = field(default_factory=lambda: [0.5])  # WiSE-FT mixing weights
+    l2sp_weight: float = _ranged(0.01, 0.0)  # L2-SP: weight of the squared distance to the starting weights
+    multi_positive: bool = False  # contrastive (FLYP): same-class captions are positives, not negatives
     # WiSE-FT: which fine-tuned weights are interpolated: "last" (the reference's) or "best" (held-out)
     wise_endpoint: str = _choice("last", "last", "best")
     lp_epochs: int = _ranged(1, 0)  # LP-FT: epochs of the linear-probe stage

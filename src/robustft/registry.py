@@ -44,11 +44,22 @@ class Registry(Generic[T]):
             raise KeyError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
 
+    def set_factory(self, factory: Callable[[str], T | None]) -> None:
+        """Build entries on demand: ``factory(name)`` is asked for a name not registered (None: unknown).
+
+        What it returns should be :meth:`add`-ed by the factory itself, so it is built once.
+        """
+        self._factory = factory
+
     def get(self, name: str) -> T:
         """Return the entry called ``name``, or raise an error listing the valid names."""
         try:
             return self._entries[name]
         except KeyError:
+            factory = getattr(self, "_factory", None)
+            made = factory(name) if factory is not None else None
+            if made is not None:
+                return made
             raise self._error(f"unknown {self.kind} {name!r}; {choices_hint(name, self._entries)}") from None
 
     def names(self) -> list[str]:

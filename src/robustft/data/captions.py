@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robustft.data.folder import collate_skip_bad
 from robustft.errors import ConfigError
 
-__all__ = ["FeistelPermutation", "CaptionRowSampler", "CaptionDataset", "collate_caption_rows", "captions"]
+__all__ = ["FeistelPermutation", "CaptionRowSampler", "CaptionDataset", "collate_caption_rows", "captions",
+           "make_caption_loader"]
 
 _ROUNDS = 6
 _CHUNK = 1 << 16  # positions permuted per vectorised call while iterating
@@ -264,3 +265,33 @@ def captions(labels: Tensor | Sequence[int], template_idx: Tensor | Sequence[int
     if bad_template is not None:
         raise ConfigError(f"captions: template index {bad_template} out of range for {len(templates)} templates")
     return [templates[t].format(classnames[v]) for v, t in zip(labels_list, temps)]
+
+
+def make_caption_loader(
+    dataset: Dataset,
+    n_templates: int,
+    *,
+    batch_size: int,
+    global_batch: int,
+    workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> DataLoader:
+    """This rank's loader of FLYP's (image, template) rows over ``dataset``.
+
+    Batches are ``collate_caption_rows`` dicts of ``batch_size`` rows (the per-rank
+    micro-batch); ``global_batch`` is the rows of one optimizer step over every rank and
+    accumulation micro-step, which fixes the epoch length (:class:`CaptionRowSampler`).
+    Random augmentation of a row depends on ``(seed, epoch, row)`` only, as for
+    :func:`robustft.data.loaders.make_train_loader`, so resume is exact.
+    """
+    from robustft.data.loaders import EpochSeeded, _check_batch, _loader_kwargs
+
+    _check_batch(batch_size)
+    generator = torch.Generator()
+    sampler = CaptionRowSampler(len(dataset), n_templates, rank=rank, world_size=world_size,  # type: ignore[arg-type]
+                                seed=seed, global_batch=global_batch, keyed=True, generator=generator)
+    return DataLoader(EpochSeeded(CaptionDataset(dataset, n_templates), seed), batch_size=batch_size, sampler=sampler,
+                      drop_last=True, generator=generator, collate_fn=collate_caption_rows,
+                      **_loader_kwargs(workers, None, None, None))

@@ -34,6 +34,7 @@ __all__ = [
     "METHODS",
     "Method",
     "MethodOptions",
+    "Needs",
     "register_method",
     "build_method",
     "list_methods",
@@ -64,6 +65,33 @@ def _number(value: object, what: str, lo: float, hi: float = math.inf, *, lo_ope
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a method needs the pipeline and the trainer to provide (see ``Method.requirements``).
+
+    Attributes:
+        teacher: A frozen copy of the zero-shot classifier.
+        teacher_cams: Whether a teacher-CAM cache would be used (worth building).
+        text_tower: A trainable copy of CLIP's text tower, with the tokenizer, class names
+            and templates (the method trains both towers).
+        captions: Training batches of (image, template) rows: ``batch["template"]``.
+        vit: The image tower must be a ViT (patches, attention): maskings need it.
+        min_batch: Fewest readable images a micro-batch needs (donors among OTHER images: 2).
+    """
+
+    teacher: bool = False
+    teacher_cams: bool = False
+    text_tower: bool = False
+    captions: bool = False
+    vit: bool = False
+    min_batch: int = 1
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(teacher=self.teacher or other.teacher, teacher_cams=self.teacher_cams or other.teacher_cams,
+                     text_tower=self.text_tower or other.text_tower, captions=self.captions or other.captions,
+                     vit=self.vit or other.vit, min_batch=max(self.min_batch, other.min_batch))
+
+
+@dataclass(frozen=True)
 class MethodOptions:
     """Options of every method; each method reads the ones it uses.
 
@@ -81,6 +109,8 @@ class MethodOptions:
             A donor rule written in the masking string itself wins over the default.
         label_smoothing: Label smoothing of the cross-entropy, in [0, 1).
         alphas: WiSE-FT mixing coefficients, each in [0, 1].
+        l2sp_weight: Weight of the L2-SP term (>= 0).
+        multi_positive: Contrastive task: same-class captions count as positives.
         seed: Run seed for mask and donor draws.
         rank: Distributed rank; every rank draws from its own stream.
     """
@@ -94,12 +124,15 @@ class MethodOptions:
     donors: str = "permutation"
     label_smoothing: float = 0.0
     alphas: tuple[float, ...] = field(default=(0.5,))
+    l2sp_weight: float = 0.01
+    multi_positive: bool = False
     seed: int = 0
     rank: int = 0
 
     def __post_init__(self) -> None:
         _number(self.task_weight, "method task_weight", 0.0)
         _number(self.distill_weight, "method distill_weight", 0.0)
+        _number(self.l2sp_weight, "method l2sp_weight", 0.0)
         _number(self.temperature, "method temperature", 0.0, lo_open=True)
         _number(self.label_smoothing, "method label_smoothing", 0.0, 1.0)
         if self.label_smoothing >= 1.0:
@@ -201,9 +234,21 @@ class Method(nn.Module):
         return [{"params": params, "weight_decay": float(weight_decay)}]
 
     @classmethod
+    def requirements(cls, options: MethodOptions) -> Needs:
+        """What this method needs with ``options``: teacher, text tower, captions, CAM cache, ViT, batch."""
+        return Needs(teacher=cls.needs_teacher)
+
+    @classmethod
+    def check(cls, options: MethodOptions, micro_batch: int | None = None) -> None:
+        """Raise ConfigError when ``options`` (or the per-process micro-batch) cannot work, before any work."""
+
+    @classmethod
     def wants_teacher_cams(cls, options: MethodOptions) -> bool:
         """Whether a teacher-CAM cache would be used with ``options`` (so worth building)."""
-        return False
+        return cls.requirements(options).teacher_cams
+
+    def sync_head(self) -> None:
+        """Bring the student's head up to date before it is evaluated or saved (default: nothing to do)."""
 
     @classmethod
     def stages(cls) -> list[str]:
@@ -301,6 +346,7 @@ def build_method(
     options: MethodOptions | None = None,
     *,
     teacher_cams: Tensor | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> Method:
     """Build the method called ``name``, validating everything before any work starts.
 
@@ -314,6 +360,9 @@ def build_method(
             index ``i``; see :mod:`robustft.methods.cam_cache`), looked up by
             ``batch["index"]``. Only for masked methods (``accepts_teacher_cams``); used
             when the method's ``wants_teacher_cams(options)`` is True.
+        context: What the method's :meth:`Method.requirements` asked for beyond the two
+            classifiers, by name (``{"text": TextSide}`` for a method that trains the text
+            tower); ignored by methods that take none.
 
     Raises:
         ConfigError: Unknown name, or options the method cannot use (e.g. a masking kind).
@@ -331,12 +380,13 @@ def build_method(
                              "not share its parameters")
     else:
         teacher = None  # a method that does not distil never holds (or moves) a teacher
+    kwargs: dict[str, Any] = {"context": context} if getattr(cls, "accepts_context", False) else {}
     if teacher_cams is None:
-        method = cls(student, teacher, options)
+        method = cls(student, teacher, options, **kwargs)
     elif not cls.accepts_teacher_cams:
         raise ConfigError(f"method {name!r} does not use class activation maps; a teacher-CAM cache applies only "
                           f"to {', '.join(n for n in METHODS.names() if METHODS.get(n).accepts_teacher_cams)}")
     else:
-        method = cls(student, teacher, options, teacher_cams=teacher_cams)
+        method = cls(student, teacher, options, teacher_cams=teacher_cams, **kwargs)
     logger.info("method %s built (%s)", name, cls.description)
     return method

@@ -1,4 +1,4 @@
-"""``wise-ft``: fine-tune like ``ft``, then interpolate every weight with the zero-shot model.
+"""WiSE-FT's weight-space step: interpolate every fine-tuned weight with the zero-shot model.
 
 ``theta(alpha) = (1 - alpha) * theta_zeroshot + alpha * theta_ft`` over every weight, the
 head included; one classifier per alpha of the run's ``alphas``.
@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 
-from torch import Tensor
 
 from robustft.errors import ConfigError
-from robustft.methods.base import Method, register_method
+from robustft.methods.objective import ComposedMethod
 from robustft.model.classifier import ImageClassifier
 from robustft.ops.weights import blend_into
 
-__all__ = ["WiseFt", "WiseClassifiers"]
+__all__ = ["WiseStep", "WiseClassifiers"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +51,16 @@ class WiseClassifiers(Mapping[float, ImageClassifier]):
         return len(self._alphas)
 
 
-@register_method("wise-ft", "WiSE-FT: fine-tune end to end, then interpolate all weights with zero-shot per alpha")
-class WiseFt(Method):
-    """Trains exactly like ``ft``; :meth:`finalize` gives the interpolated classifiers."""
+class WiseStep(ComposedMethod):
+    """A composition followed by WiSE-FT's weight-space step: :meth:`finalize` interpolates.
+
+    Trains exactly as its composition (``wise-ft``: cross-entropy, like ``ft``); after training
+    every weight, the head included, is interpolated with the zero-shot model for each alpha
+    of ``method.alphas``. Which fine-tuned weights are interpolated (the last, as the
+    reference does, or the held-out-best epoch) is the pipeline's ``method.wise_endpoint``.
+    """
 
     interpolates = True
-
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        logits = self.student_call("forward", batch["image"])
-        loss = self.task_term(logits, batch["label"])
-        return {"loss": loss, "logits": logits, "loss_task": loss.detach()}
 
     def finalize(self, student: ImageClassifier, zeroshot: ImageClassifier) -> WiseClassifiers:
         """One classifier per alpha of the options: alpha 0 has ``zeroshot``'s weights, alpha 1 ``student``'s.
@@ -75,6 +74,6 @@ class WiseFt(Method):
             ConfigError: The two classifiers do not have the same classes.
         """
         if student.num_classes != zeroshot.num_classes:
-            raise ConfigError(f"wise-ft: the fine-tuned classifier has {student.num_classes} classes, the zero-shot "
-                              f"one {zeroshot.num_classes}; interpolate classifiers of the same class list")
+            raise ConfigError(f"{self.name}: the fine-tuned classifier has {student.num_classes} classes, the "
+                              f"zero-shot one {zeroshot.num_classes}; interpolate classifiers of the same class list")
         return WiseClassifiers(student, zeroshot, self.options.alphas)

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from robustft.config import RunConfig, config_hash, config_to_dict, dump_config
 from robustft.data.datasets import EvalSet
 from robustft.data.folder import BAD_IMAGES_FILE
+from robustft.data.captions import make_caption_loader
 from robustft.data.loaders import make_train_loader
 from robustft.data.synthetic import WorldConfig
 from robustft.distributed import DistEnv, init_distributed
@@ -31,9 +33,10 @@ from robustft.errors import ConfigError, ModelError
 from robustft.evaluation.evaluate import evaluate
 from robustft.log import add_file_handler
 from robustft.methods import METHODS, MethodOptions, build_method
-from robustft.methods._counterfactual import resolve_masking
+from robustft.methods.task_contrastive import TextSide
 from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, load_templates, save_classifier
 from robustft.model.clip import ClipBundle
+from robustft.model.text import TextTower
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
@@ -62,7 +65,8 @@ def method_options(cfg: RunConfig, rank: int = 0) -> MethodOptions:
     return MethodOptions(
         task_weight=m.task_weight, distill_weight=m.distill_weight, temperature=m.temperature,
         masking=m.masking or None, cam=m.cam, cam_source=m.cam_source, donors=m.donors,
-        label_smoothing=m.label_smoothing, alphas=tuple(m.alphas), seed=cfg.seed, rank=rank,
+        label_smoothing=m.label_smoothing, alphas=tuple(m.alphas), l2sp_weight=m.l2sp_weight,
+        multi_positive=m.multi_positive, seed=cfg.seed, rank=rank,
     )
 
 
@@ -84,13 +88,8 @@ def _check_early(cfg: RunConfig, dist: DistEnv) -> int:
                           "(and evaluate with `robustft eval`)")
     options = method_options(cfg, dist.rank)
     micro = per_rank_micro_batch(cfg.data.batch_size, dist.world_size, cfg.optim.accum_steps)
-    kinds = getattr(cls, "masking_kinds", ())
-    if kinds:  # a masked method: its strategy must fit it before the run folder is written
-        spec = resolve_masking(cfg.method.name, options, kinds, cls.default_masking)
-        if micro < 2 and (spec.fill == "multi" or spec.donors == "derangement" or cfg.method.donors == "derangement"):
-            raise ConfigError(f"{spec} takes donors among the OTHER images of a micro-batch, but each process sees "
-                              f"{micro} image(s) per micro-batch; raise data.batch_size or lower optim.accum_steps")
-    elif cfg.method.masking:
+    cls.check(options, micro)  # the method's own refusals (a masking it cannot use, too few donors)
+    if cfg.method.masking and not cls.requirements(options).vit:
         logger.warning("method %s does not mask images: method.masking=%r is ignored", cfg.method.name,
                        cfg.method.masking)
     return micro
@@ -98,8 +97,7 @@ def _check_early(cfg: RunConfig, dist: DistEnv) -> int:
 
 def _check_vit(cfg: RunConfig, bundle: ClipBundle) -> None:
     """A masked method needs a ViT image tower; fail before the run folder is written."""
-    cls = METHODS.get(cfg.method.name)
-    if not getattr(cls, "masking_kinds", ()):
+    if not METHODS.get(cfg.method.name).requirements(method_options(cfg)).vit:
         return
     reason = vit_unsupported_reason(bundle.model.visual)
     if reason is not None:
@@ -134,11 +132,13 @@ def stage_settings(cfg: RunConfig) -> list[tuple[str, TrainSettings]]:
 
 
 def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfig, dist: DistEnv,
-                bad_file: Path | None = None) -> Any:
+                bad_file: Path | None = None, before: Callable[[], None] | None = None) -> Any:
     if holdout is None:
         return None
 
     def evaluate_holdout(epoch: int) -> dict[str, float]:
+        if before is not None:
+            before()  # e.g. the head rebuilt from the current text tower
         (res,) = evaluate(student, [holdout], dist_env=dist, batch_size=cfg.data.eval_batch_size,
                           workers=cfg.data.workers, precision=cfg.optim.precision, progress=False,
                           max_bad_fraction=cfg.data.max_bad_fraction, bad_images_file=bad_file,
@@ -178,15 +178,21 @@ class _Models:
     student: ImageClassifier
     teacher: ImageClassifier | None
     zeroshot: ImageClassifier | None
+    context: dict[str, Any]
 
 
 def _build_models(cfg: RunConfig, bundle: ClipBundle, data: RunData, progress: bool) -> _Models:
+    """The student (the zero-shot classifier) and exactly what the method's requirements ask for."""
     zeroshot = build_zeroshot_classifier(bundle, data.classnames, data.templates, progress=progress)
     cls = METHODS.get(cfg.method.name)
-    needs_teacher = any(METHODS.get(s).needs_teacher for s in _stages(cfg)) or cls.needs_teacher
-    teacher = copy.deepcopy(zeroshot).eval().requires_grad_(False) if needs_teacher else None
+    needs = cls.requirements(method_options(cfg))
+    teacher = copy.deepcopy(zeroshot).eval().requires_grad_(False) if needs.teacher else None
     keep = copy.deepcopy(zeroshot).eval().requires_grad_(False) if cls.interpolates else None
-    return _Models(student=zeroshot, teacher=teacher, zeroshot=keep)
+    context: dict[str, Any] = {}
+    if needs.text_tower:
+        context["text"] = TextSide(tower=TextTower.from_clip(bundle.model, copy=True), tokenizer=bundle.tokenizer,
+                                   classnames=list(data.classnames), templates=load_templates(data.templates))
+    return _Models(student=zeroshot, teacher=teacher, zeroshot=keep, context=context)
 
 
 def _stage_dirs(cfg: RunConfig, run_dir: Path) -> list[Path]:
@@ -216,25 +222,26 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
                   resume: bool, progress: bool, teacher_cams: Any) -> Any:
     options = method_options(cfg, dist.rank)
     wanted = set(_cam_cache_stages(cfg)) if teacher_cams is not None else set()
-    top = build_method(cfg.method.name, models.student, models.teacher, options,
+    top = build_method(cfg.method.name, models.student, models.teacher, options, context=models.context,
                        teacher_cams=teacher_cams if len(_stages(cfg)) == 1 and cfg.method.name in wanted else None)
     stages = top.stages()
     for i, stage in enumerate(stages):
         stage_dir = _stage_dirs(cfg, run_dir)[i]
         method = top if len(stages) == 1 else build_method(
-            stage, models.student, models.teacher, options, teacher_cams=teacher_cams if stage in wanted else None)
+            stage, models.student, models.teacher, options, context=models.context,
+            teacher_cams=teacher_cams if stage in wanted else None)
         done = stage_dir / "stage_done"
         if resume and done.is_file():
             logger.info("stage %s had finished before; reusing its result", stage)
             _load_final(method, stage_dir)
             dist.broadcast_module(method.trainable_module())  # rank 0's file is the truth, even on a stale share
+            method.sync_head()
             continue
-        loader = make_train_loader(data.train, batch_size=micro, workers=cfg.data.workers, rank=dist.rank,
-                                   world_size=dist.world_size, seed=cfg.seed)
+        loader = _train_loader(cfg, method, data, micro, dist)
         logger.info("stage %d/%d: %s", i + 1, len(stages), stage)
         result = fit(method, loader, _settings(cfg, stage, len(stages)), run_dir=stage_dir, dist_env=dist,
                      resume=resume, evaluate=_holdout_fn(models.student, data.holdout, cfg, dist,
-                                                         run_dir / BAD_IMAGES_FILE),
+                                                         run_dir / BAD_IMAGES_FILE, before=method.sync_head),
                      progress=progress, config=config_to_dict(cfg), bad_images_file=run_dir / BAD_IMAGES_FILE)
         best = load_best(stage_dir)
         if best is not None and data.holdout is not None and _endpoint(cfg, last_stage=i == len(stages) - 1) == "best":
@@ -245,6 +252,7 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
                         "epoch (held-out top-1 %.2f%%) stays in %s", stage, result.best_metric, stage_dir / "best")
         # Every rank read best/ itself; make sure they all go on with rank 0's weights.
         dist.broadcast_module(method.trainable_module())
+        method.sync_head()  # a head rebuilt from a trained text tower follows the kept weights
         if dist.is_primary:  # the stage's outcome, so that --resume after it never retrains it
             save_tensors(stage_dir / "final.safetensors", method.trainable_module().state_dict())
             done.write_text("ok\n")
@@ -266,6 +274,17 @@ def _batch_layout(cfg: RunConfig, dist: DistEnv) -> dict[str, int]:
     """How the global batch was split: donors and masks are drawn within each process's micro-batch."""
     micro = per_rank_micro_batch(cfg.data.batch_size, dist.world_size, cfg.optim.accum_steps)
     return {"micro_batch": micro, "processes": dist.world_size, "accum_steps": cfg.optim.accum_steps}
+
+
+def _train_loader(cfg: RunConfig, method: Any, data: RunData, micro: int, dist: DistEnv) -> Any:
+    """Image batches, or (image, template) rows when the method trains on captions."""
+    if method.requirements(method.options).captions:
+        n_templates = len(load_templates(data.templates))
+        return make_caption_loader(data.train, n_templates, batch_size=micro, global_batch=cfg.data.batch_size,
+                                   workers=cfg.data.workers, rank=dist.rank, world_size=dist.world_size,
+                                   seed=cfg.seed)
+    return make_train_loader(data.train, batch_size=micro, workers=cfg.data.workers, rank=dist.rank,
+                             world_size=dist.world_size, seed=cfg.seed)
 
 
 def _load_final(method: Any, stage_dir: Path) -> None:
