@@ -40,3 +40,25 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     rows = read_rows([out / "results.jsonl"])
     assert {"ft-s0", "ft-s1", "fd-refill-obj-s1", "ft-s1@0.50"} <= {r.run for r in rows}
     assert "| ft-s0 (+1) |" in capsys.readouterr().out  # the table aggregates the two seeds
+
+
+def test_demo_plan_lists_registered_methods_and_nested_modes() -> None:
+    from robustft.methods import METHODS
+    from robustft.pipeline.demo import demo_jobs, demo_plan
+
+    plan = demo_plan()
+    assert all(r["method"] in METHODS for r in plan["runs"])
+    quick, default, every = ({j.name for j in demo_jobs(q, 1, a)} for q, a in ((True, False), (False, False),
+                                                                              (False, True)))
+    assert quick == {"ft-s0", "fd-refill-obj-s0"} and quick < default < every
+    assert {"flyp-s0", "flyp-fd-refill-s0"} <= default and "l2sp-s0" in every - default
+    assert all(f"{name}-s0" in default for name in plan["wise"])
+    assert [j.seed for j in demo_jobs(False, 2)].count(1) == len(default)
+
+
+def test_demo_refuses_quick_with_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from robustft.cli import main
+
+    assert main(["demo", "--quick", "--all", "--out", str(tmp_path / "d")]) == 2
+    assert "--quick and --all" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -149,6 +149,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole story on a synthetic world, on CPU, in minutes")
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     p.add_argument("--quick", action="store_true", help="ft and the flagship only, shorter (about 3 minutes on 2 cores)")
+    p.add_argument("--all", action="store_true", dest="everything",
+                   help="also L2-SP and a greedy soup of each seed's fine-tuned runs (reuses a default demo's runs)")
     p.add_argument("--seeds", type=int, default=1,
                    help="seeds per method; in the folder of an earlier demo, finished runs are reused")
     p.add_argument("--jobs", type=int, default=None, help="parallel fine-tuning jobs (default: CPU cores)")

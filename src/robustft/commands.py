@@ -149,7 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
     from robustft.pipeline.demo import run_demo
 
     _out(run_demo(out=args.out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, overwrite=args.overwrite,
-                  progress=not args.no_progress))
+                  progress=not args.no_progress, everything=args.everything))
     return 0
 
 

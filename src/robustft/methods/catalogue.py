@@ -12,7 +12,7 @@ from robustft.methods.base import METHODS
 from robustft.methods.objective import REGULARISERS, TASKS, ComposedMethod, register_composition
 from robustft.methods.wise_ft import WiseStep
 
-__all__ = ["compose"]
+__all__ = ["compose", "trains", "with_weight_step"]
 
 register_composition("lp", "linear probe: image encoder frozen, only the zero-shot-initialised head trains",
                      task="ce", task_options={"probe": True}, attrs={"probe": True})
@@ -96,3 +96,31 @@ def compose(name: str) -> type[ComposedMethod] | None:
 
 
 METHODS.set_factory(compose)
+
+
+def trains(name: str) -> bool:
+    """Whether the method ``name`` trains anything (False for the zero-shot classifier and unknown names)."""
+    return name in METHODS and bool(METHODS.get(name).trains)
+
+
+def with_weight_step(name: str) -> str:
+    """The method name of ``name``'s result interpolated by WiSE-FT afterwards (``robustft wise`` rows).
+
+    The registered composition that adds WiSE-FT to the same terms when there is one
+    (``ft`` -> ``wise-ft``; an interpolating method keeps its name), else ``wise-ft+NAME``.
+    """
+    cls = METHODS.get(name) if name in METHODS else None
+    if cls is None or not issubclass(cls, ComposedMethod) or cls.stage_names:
+        return f"{_WISE_BASE}+{name}"
+    if cls.interpolates:
+        return name
+    for other in METHODS.names():
+        c = METHODS.get(other)
+        if (issubclass(c, ComposedMethod) and c.interpolates and not c.stage_names and c.task == cls.task
+                and c.regularisers == cls.regularisers and dict(c.task_options) == dict(cls.task_options)
+                and "+" not in other):
+            return other
+    return f"{_WISE_BASE}+{name}"
+
+
+_WISE_BASE = "wise-ft"

@@ -18,7 +18,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tqdm.auto import tqdm
 
@@ -29,13 +33,14 @@ from robustft.pipeline.cam import run_cam_export
 from robustft.pipeline.data import world_paths
 from robustft.pipeline.evaluate import run_eval, run_report, run_wise
 from robustft.pipeline.runs import prepare_run_dir
+from robustft.pipeline.soup import run_soup
 from robustft.pipeline.zeroshot import run_zeroshot
 
 __all__ = ["DemoJob", "demo_jobs", "run_demo", "FLAGSHIP"]
 
 logger = logging.getLogger(__name__)
 
-FLAGSHIP = "ObjMaskSingleFill(0.3)"
+FLAGSHIP = "ObjMaskSingleFill(0.3)"  # the masking of the CAM grid (demo_runs.yaml: flagship)
 QUICK_PRETRAIN = PretrainSettings(steps=150, eval_every=50)
 """Shorter pretraining for --quick (its own cache entry); zero-shot is already robust by then."""
 
@@ -56,18 +61,20 @@ class DemoJob:
                 *(x for s in sets for x in ("--set", s))]
 
 
-def demo_jobs(quick: bool, seeds: int) -> list[DemoJob]:
-    """The fine-tuning runs of the demo (``--quick``: ft and the flagship only)."""
-    base = [
-        ("ft", "ft", ()),
-        ("fd-refill-obj", "fd-refill", (f"method.masking={FLAGSHIP}",)),
-    ]
-    if not quick:
-        base[1:1] = [("lp", "lp", ()), ("lp-ft", "lp-ft", ()), ("fd", "fd", ())]
-        base += [("fd-refill-obj-teacher", "fd-refill", (f"method.masking={FLAGSHIP}", "method.cam_source=teacher",
-                                                         "method.cam=gradcam")),
-                 ("fd-refill-ctx", "fd-refill", ("method.masking=CtxMaskSingleFill(0.5)",)),
-                 ("fd-refill-rand", "fd-refill", ("method.masking=RandMaskSingleFill(0.5)",))]
+def _mode(quick: bool, everything: bool) -> str:
+    return "quick" if quick else ("all" if everything else "default")
+
+
+def demo_plan() -> dict[str, Any]:
+    """The demo's runs, WiSE-FT sweeps and soup, from ``demo_runs.yaml`` beside this module."""
+    text = (resources.files("robustft.pipeline") / "demo_runs.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def demo_jobs(quick: bool, seeds: int, everything: bool = False) -> list[DemoJob]:
+    """The fine-tuning runs of the demo (``--quick``: ft and the flagship only; ``--all``: every run)."""
+    mode = _mode(quick, everything)
+    base = [(r["name"], r["method"], tuple(r.get("sets", ()))) for r in demo_plan()["runs"] if mode in r["modes"]]
     quick_sets = ("optim.epochs=2",) if quick else ()
     return [DemoJob(f"{name}-s{seed}", method, overrides + quick_sets, seed)
             for seed in range(seeds) for name, method, overrides in base]
@@ -109,8 +116,14 @@ def _test_pairs(paths: dict[str, Path]) -> str:
 
 
 def run_demo(*, out: str = "demo-out", quick: bool = False, seeds: int = 1, jobs: int | None = None,
-             overwrite: bool = False, progress: bool = True) -> str:
-    """Run the demo into ``out``; returns the final table with the total time."""
+             overwrite: bool = False, progress: bool = True, everything: bool = False) -> str:
+    """Run the demo into ``out``; returns the final table with the total time.
+
+    ``everything`` (``--all``) adds the runs of demo_runs.yaml's ``all`` mode and a greedy
+    soup of each seed's fine-tuned runs; in the folder of a default demo it reuses its runs.
+    """
+    if quick and everything:
+        raise ConfigError("--quick and --all contradict each other; give one of them")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     n_jobs = _cpu_jobs(jobs)
@@ -151,7 +164,8 @@ def run_demo(*, out: str = "demo-out", quick: bool = False, seeds: int = 1, jobs
     t0 = time.perf_counter()
     runs, logs = root / "runs", root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    job_list = demo_jobs(quick, seeds)
+    plan = demo_plan()
+    job_list = demo_jobs(quick, seeds, everything)
     done: dict[str, Path] = {}
     with ThreadPoolExecutor(max_workers=n_jobs) as pool, \
             tqdm(total=len(job_list), desc="fine-tuning runs", disable=not progress, unit="run") as bar:
@@ -166,11 +180,22 @@ def run_demo(*, out: str = "demo-out", quick: bool = False, seeds: int = 1, jobs
     t0 = time.perf_counter()
     alphas = "0:1:0.5" if quick else "0:1:0.25"
     for seed in range(seeds):
-        for name in ("ft", "fd-refill-obj"):
+        for name in plan["wise"]:
             run_wise(zeroshot=str(zs_dir), finetuned=str(done[f"{name}-s{seed}"]), alphas=alphas, data_root=None,
                      suite=None, datasets=tests, paths=[], out=str(results), device="cpu", workers=0,
                      batch_size=300, progress=False)
     lap("WiSE-FT", t0)
+
+    if _mode(quick, everything) in plan["soup"]["modes"]:
+        t0 = time.perf_counter()
+        for seed in range(seeds):
+            soup_dir = runs / f"soup-s{seed}"
+            ingredients = [str(done[job.name]) for job in job_list if job.seed == seed]
+            run_soup(runs=ingredients, out=str(soup_dir), greedy=bool(plan["soup"]["greedy"]), batch_size=300,
+                     workers=0, device="cpu", progress=False, overwrite=True)
+            run_eval(run=str(soup_dir), data_root=None, suite=None, datasets=tests, paths=[], out=str(results),
+                     device="cpu", workers=0, batch_size=300, progress=False)
+        lap("soup", t0)
 
     t0 = time.perf_counter()
     run_cam_export(run=str(zs_dir), images=str(world.splits["id"]), cam="mmcam", masking=FLAGSHIP,

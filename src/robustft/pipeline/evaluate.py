@@ -13,6 +13,7 @@ from robustft.data.layouts import check_layout, format_layout_table
 from robustft.distributed import DistEnv, init_distributed
 from robustft.errors import ConfigError, DataError, choices_hint
 from robustft.evaluation.evaluate import evaluate
+from robustft.methods.catalogue import with_weight_step
 from robustft.evaluation.wise import wise_ft_sweep
 from robustft.model import ImageClassifier, load_classifier, save_classifier
 from robustft.ops.weights import parse_alphas
@@ -188,8 +189,8 @@ def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: st
 
 
 def _wise_method(meta: dict[str, Any]) -> str:
-    base = meta.get("extra", {}).get("method", "ft")
-    return "wise-ft" if base in ("ft", "wise-ft") else f"wise-ft+{base}"
+    """The method name of a WiSE-FT point of the fine-tuned run (the methods layer names it)."""
+    return with_weight_step(str(meta.get("extra", {}).get("method", "unknown")))
 
 
 def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | None, suite: str | None,

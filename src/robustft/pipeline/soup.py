@@ -28,6 +28,8 @@ from robustft.distributed import DistEnv, init_distributed
 from robustft.errors import CheckpointError, ConfigError, RobustFTError
 from robustft.evaluation.evaluate import evaluate
 from robustft.evaluation.soup import SoupResult, greedy_soup, uniform_soup
+from robustft.methods import METHODS
+from robustft.methods.catalogue import trains
 from robustft.model import ImageClassifier, load_classifier, save_classifier
 from robustft.model.serialization import META_FILE, TENSORS_FILE, read_classifier_meta
 from robustft.ops.weights import assert_compatible
@@ -176,8 +178,8 @@ def _holdout_plan(runs: list[_Run]) -> tuple[_Run, RunConfig]:
     for run in runs:
         cfg = _config_of(run)
         if cfg is None:
-            if run.extra.get("method") == "zeroshot":
-                continue  # trained on nothing, so no held-out image is in its training data
+            if not trains(str(run.extra.get("method", ""))) and run.extra.get("method") in METHODS:
+                continue  # trained on nothing (the zero-shot classifier), so no held-out image is in its training
             raise ConfigError(f"--greedy: {run.arg} has no training config (extra.config in its {META_FILE}), so "
                               "which images it held out is unknown; give runs written by `robustft train` (or "
                               "`robustft zeroshot`), or drop --greedy for a uniform soup")

@@ -214,7 +214,7 @@ def _check_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None
 
 
 def _stages(cfg: RunConfig) -> list[str]:
-    """The stage names of ``cfg``'s method (LP-FT: ["lp", "ft"]), read without building it."""
+    """The stage names of ``cfg``'s method (one, or those of a staged method), read without building it."""
     return list(METHODS.get(cfg.method.name).stages())
 
 
