@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
-from robustft.errors import ConfigError, ModelError
+from robustft.errors import CheckpointError, ConfigError, ModelError
 from robustft.model.classifier import ClassifierHead, ImageClassifier
 from robustft.model.zeroshot import build_zeroshot_weights
+from robustft.safeio import load_tensors, save_tensors
 
-__all__ = ["TextTower", "zeroshot_weights_from_text", "zeroshot_head_from_text", "refresh_head"]
+__all__ = ["TextTower", "zeroshot_weights_from_text", "zeroshot_head_from_text", "refresh_head",
+           "TEXT_TOWER_FILE", "save_text_tower", "load_text_tower_into"]
+
+#: A run folder's trained text tower (methods that train it): the tower's state dict.
+TEXT_TOWER_FILE = "text_tower.safetensors"
 
 # What open_clip.CLIP.encode_text reads from the model (a CustomTextCLIP keeps it all in `.text`).
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -208,3 +215,30 @@ def refresh_head(
     with torch.no_grad():
         head.weight.copy_(weights * scale)
         head.bias.zero_()
+
+
+def save_text_tower(tower: TextTower, folder: str | os.PathLike[str]) -> Path:
+    """Write ``tower``'s state dict to ``folder/text_tower.safetensors`` (atomically); returns the path."""
+    path = Path(folder) / TEXT_TOWER_FILE
+    save_tensors(path, tower.state_dict(), metadata={"format": "robustft text tower"})
+    return path
+
+
+def load_text_tower_into(tower: TextTower, folder: str | os.PathLike[str]) -> None:
+    """Load ``folder/text_tower.safetensors`` into ``tower`` (same architecture), checking every name and shape.
+
+    Raises:
+        CheckpointError: The file is missing or unreadable, or belongs to another model.
+    """
+    path = Path(folder) / TEXT_TOWER_FILE
+    device = next(tower.parameters()).device
+    tensors, _ = load_tensors(path, device=device)
+    expected = tower.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+                 for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise CheckpointError(f"{path} is not a text tower of this model: {shown}")
+    tower.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)

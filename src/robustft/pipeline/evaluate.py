@@ -7,15 +7,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robustft.config import DataConfig
 from robustft.data.datasets import EVAL_DATASETS, EvalSet, build_eval_set, build_folder_eval_set
 from robustft.data.layouts import check_layout, format_layout_table
 from robustft.distributed import DistEnv, init_distributed
-from robustft.errors import ConfigError, DataError, choices_hint
+from robustft.errors import CheckpointError, ConfigError, DataError, RobustFTError, choices_hint
 from robustft.evaluation.evaluate import evaluate
 from robustft.methods.catalogue import with_weight_step
 from robustft.evaluation.wise import wise_ft_sweep
-from robustft.model import ImageClassifier, load_classifier, save_classifier
+from robustft.methods import METHODS, MethodOptions
+from robustft.methods.wise_ft import TextEnds, WiseClassifiers
+from robustft.model import ImageClassifier, load_classifier, load_clip, save_classifier
+from robustft.model.text import TEXT_TOWER_FILE, TextTower, load_text_tower_into, save_text_tower
 from robustft.ops.weights import parse_alphas
 from robustft.pipeline.data import IMAGENET_SUITE
 from robustft.pipeline.runs import classifier_folder, git_sha, run_label
@@ -224,29 +229,90 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
             return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress,
                             max_bad_fraction=limit, bad_images_file=bad_file, bad_fraction_setting="--max-bad-fraction")
 
-        curve = wise_ft_sweep(zs, ft, alpha_list, eval_fn)
+        text = _text_ends(zeroshot, zs, finetuned, ft_meta, dist.device)
+        if text is None:
+            curve = wise_ft_sweep(zs, ft, alpha_list, eval_fn)
+        else:  # a run that trained its text tower: both towers mix, each head is rebuilt
+            mixes = WiseClassifiers(ft, zs, tuple(alpha_list), text=text)
+            curve = [(alpha, eval_fn(mixes[alpha])) for alpha in alpha_list]
         rows: list[ResultRow] = []
         for alpha, results in curve:
             rows += _rows(results, ft_meta, f"{run}@{alpha:.2f}", method=method, alpha=alpha)
         if dist.is_primary:
             append_rows(out, rows)
             if save:
-                _save_curve(zs, ft, alpha_list, ft_meta, Path(save))
+                _save_curve(zs, ft, alpha_list, ft_meta, Path(save), text)
         return f"{_table(rows)}\nWiSE-FT curve ({len(alpha_list)} alphas) appended to {out}{_bad_note(bad_file, rows)}"
     finally:
         dist.destroy()
 
 
 def _save_curve(zs: ImageClassifier, ft: ImageClassifier, alphas: list[float], meta: dict[str, Any],
-                folder: Path) -> None:
-    from robustft.ops.weights import blend_into
-
-    theta0, theta1 = zs.state_dict(), ft.state_dict()
+                folder: Path, text: TextEnds | None = None) -> None:
+    mixes = WiseClassifiers(ft, zs, tuple(alphas), text=text)
     for alpha in alphas:
-        model = blend_into(zs, [theta0, theta1], [1.0 - alpha, alpha])
-        save_classifier(model, folder / f"alpha_{alpha:.2f}", model_name=meta["model_name"],
+        out = folder / f"alpha_{alpha:.2f}"
+        save_classifier(mixes[alpha], out, model_name=meta["model_name"],
                         pretrained=meta.get("pretrained", "none"), classnames=meta["classnames"],
                         templates=meta.get("templates", []), extra={**meta.get("extra", {}), "alpha": alpha})
+        if text is not None:
+            save_text_tower(mixes.text_tower(alpha), out)
+
+
+def _trains_text(method: Any) -> bool:
+    """Whether the registered method ``method`` trains the text tower (False for unknown names)."""
+    if not isinstance(method, str):
+        return False
+    try:
+        return bool(METHODS.get(method).requirements(MethodOptions()).text_tower)
+    except RobustFTError:
+        return False
+
+
+def _text_ends(zeroshot: str, zs: ImageClassifier, finetuned: str, ft_meta: dict[str, Any],
+               device: torch.device) -> TextEnds | None:
+    """Both text towers when the fine-tuned run trained its text tower (FLYP), else None.
+
+    The fine-tuned tower is the run's ``text_tower.safetensors``; the zero-shot one is the
+    tower of the CLIP model the run started from, rebuilt from the run's model, weights and
+    seed. ``zeroshot``'s image tower must be that model's, so that alpha 0 is one model.
+    """
+    method = ft_meta.get("extra", {}).get("method")
+    folder = Path(finetuned)
+    folder = folder if folder.is_dir() else folder.parent
+    if not (folder / TEXT_TOWER_FILE).is_file():
+        if _trains_text(method):
+            wise = method if str(method).endswith("+wise") else f"{method}+wise"
+            raise CheckpointError(
+                f"{finetuned} was trained by {method!r}, which trains the text tower, but holds no "
+                f"{TEXT_TOWER_FILE}, so its heads cannot be rebuilt from interpolated text towers; retrain it "
+                f"with this robustft, or interpolate during training with --set method.name={wise}")
+        return None
+    cfg = ft_meta.get("extra", {}).get("config")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    seed = cfg.get("seed", 0)
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    quick_gelu = ft_meta.get("quick_gelu")
+    name, pretrained = ft_meta["model_name"], ft_meta.get("pretrained", "none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)  # random-init runs
+        bundle = load_clip(name, pretrained, device=device, cache_dir=model_cfg.get("cache_dir"),
+                           quick_gelu=quick_gelu if isinstance(quick_gelu, bool) else None)
+    start = {k: v for k, v in zs.state_dict().items() if k.startswith("visual.")}
+    rebuilt = {f"visual.{k}": v for k, v in bundle.model.visual.state_dict().items()}
+    source = f"pretrained {pretrained!r}" + (f", random init of seed {seed}" if pretrained.lower() == "none" else "")
+    if start.keys() != rebuilt.keys() or any(
+            v.shape != rebuilt[k].shape or not torch.allclose(v.float(), rebuilt[k].float(), rtol=1e-5, atol=1e-6)
+            for k, v in start.items()):
+        raise ConfigError(
+            f"--zeroshot {zeroshot} is not the model {finetuned} started from: its image tower differs from "
+            f"{name} ({source}), whose text tower is the zero-shot end of the interpolation; give "
+            f"the zero-shot classifier of that model (robustft zeroshot --model {name} --pretrained {pretrained})")
+    tuned = TextTower.from_clip(bundle.model, copy=True)
+    load_text_tower_into(tuned, folder)
+    return TextEnds(zeroshot=TextTower.from_clip(bundle.model, copy=False).state_dict(), finetuned=tuned,
+                    tokenizer=bundle.tokenizer, classnames=list(ft_meta["classnames"]),
+                    templates=list(ft_meta.get("templates") or []))
 
 
 def run_report(results: list[str], out: str, *, id_dataset: str | None = None) -> str:

@@ -36,7 +36,7 @@ from robustft.methods import METHODS, MethodOptions, build_method
 from robustft.methods.task_contrastive import TextSide
 from robustft.model import ImageClassifier, build_zeroshot_classifier, load_clip, load_templates, save_classifier
 from robustft.model.clip import ClipBundle
-from robustft.model.text import TextTower
+from robustft.model.text import TextTower, save_text_tower
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
@@ -318,6 +318,11 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
                                    "folders": data.folders, "folder_classes": data.folder_classes,
                                    "test_sets": data.test_names, "endpoint": endpoint,
                                    **_batch_layout(cfg, dist)})
+            if "text" in models.context and (alpha is None or hasattr(finals, "text_tower")):
+                # The text tower beside the classifier whose head was built from it: `robustft wise`
+                # interpolates RUN's with the zero-shot tower and rebuilds each alpha's head from the mix.
+                tower = models.context["text"].tower if alpha is None else finals.text_tower(alpha)
+                save_text_tower(tower, out)
     if not cfg.eval.enabled:
         return rows
     image_size = bundle.preprocess.image_size
