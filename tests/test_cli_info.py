@@ -24,16 +24,45 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_methods_lists_every_registered_method_with_its_description(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(capsys, "methods")
     assert code == 0
-    lines = out.strip().splitlines()
+    lines = out.strip().split("\n\n")[0].splitlines()  # the table; the composable parts follow a blank line
     registered = list_methods()
-    assert len(lines) == len(registered) >= 11
+    assert len(lines) == len(registered) >= 14
     for line, (name, description) in zip(lines, registered):
         assert line.split()[0] == name
         assert line.rstrip().endswith(description)
     names = {line.split()[0] for line in lines}
     assert {"zeroshot", "lp", "ft", "lp-ft", "wise-ft", "kd", "fd", "kd-refill", "fd-refill", "fd-tokendrop",
-            "fd-attnmask"} <= names
+            "fd-attnmask", "l2sp", "flyp", "flyp-fd-refill"} <= names
     assert names == set(METHODS.names())
+
+
+def test_methods_shows_each_composition_and_the_parts_that_compose(capsys: pytest.CaptureFixture[str]) -> None:
+    from robustft.methods.objective import REGULARISERS, TASKS
+
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0
+    table, parts = out.strip().split("\n\n", 1)
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    # name, composition, description: the composition column sits between the two.
+    for name, composition in [("ft", "ce"), ("fd-refill", "ce + cf-fd"), ("l2sp", "ce + l2sp"), ("flyp", "contrastive"),
+                              ("flyp-fd-refill", "contrastive + cf-fd"), ("lp-ft", "lp -> ft"), ("lp", "ce(probe)"),
+                              ("wise-ft", "ce, then WiSE-FT weight interpolation"), ("zeroshot", "-")]:
+        description = METHODS.get(name).description
+        middle = rows[name][len(name):-len(description)].strip()
+        assert middle == composition, (name, middle)
+    # Below the table: one example, then every task objective, regulariser and the weight step.
+    first, *rest = parts.splitlines()
+    assert "--set method.name=TASK+REG[+REG...][+wise]" in first and "--set method.name=flyp+cf-fd" in first
+    listed = {line.split()[0]: line for line in rest if line.startswith("  ")}
+    assert set(listed) == set(TASKS) | set(REGULARISERS) | {"wise"}
+    for key, cls in {**TASKS, **REGULARISERS}.items():
+        assert cls.description in listed[key]
+    assert "(also written ft)" in listed["ce"] and "(also written flyp)" in listed["contrastive"]
+    headings = [line for line in rest if not line.startswith("  ")]
+    assert headings == ["task objectives (TASK):", "regularisers (REG):", "weight-space steps (last, optional):"]
+    # The example is made of listed parts (checked without registering it: the registry is process-wide).
+    head, *regs = "flyp+cf-fd".split("+")
+    assert head in listed["contrastive"] and all(reg in listed for reg in regs)
 
 
 def test_presets_lists_every_shipped_preset(capsys: pytest.CaptureFixture[str]) -> None:

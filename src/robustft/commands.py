@@ -23,11 +23,20 @@ def _out(text: str) -> None:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from robustft.methods import list_methods
+    from robustft.methods import METHODS, list_methods
+    from robustft.methods.catalogue import COMPOSE_EXAMPLE, composable_parts
 
-    rows = list_methods()
-    width = max(len(name) for name, _ in rows)
-    _out("\n".join(f"{name:<{width}}  {desc}" for name, desc in rows))
+    rows = [(name, getattr(METHODS.get(name), "composition", "") or "-", desc) for name, desc in list_methods()]
+    width = max(len(name) for name, _, _ in rows)
+    comp = max(len(c) for _, c, _ in rows)
+    lines = [f"{name:<{width}}  {c:<{comp}}  {desc}" for name, c, desc in rows]
+    lines += ["", f"Any other composition, by name: --set method.name=TASK+REG[+REG...][+wise], "
+                  f"e.g. --set method.name={COMPOSE_EXAMPLE}"]
+    groups = composable_parts()
+    part_width = max(len(key) for _, parts in groups for key, _ in parts)
+    for heading, parts in groups:
+        lines += [f"{heading}:", *(f"  {key:<{part_width}}  {desc}" for key, desc in parts)]
+    _out("\n".join(lines))
     return 0
 
 
@@ -48,8 +57,9 @@ def _config(args: argparse.Namespace) -> int:
     if stages:
         lines.append("# what each training stage trains with (a probe stage: method.lp_lr, method.lp_weight_decay):")
     for stage, s in stages:
+        warmup = f"{s.warmup_steps} steps" if s.warmup_steps > 0 else f"{s.warmup_frac:g} of the steps"
         lines.append(f"#   {stage}: lr {s.lr:g}, weight decay {s.weight_decay:g}, {s.epochs:g} epochs, {s.schedule} "
-                     f"schedule, clip {s.clip_grad_norm:g}, {s.precision}")
+                     f"schedule, clip {s.clip_grad_norm:g}, {s.precision}, warm-up {warmup}")
     _out("\n".join(lines))
     return 0
 

@@ -57,6 +57,13 @@ def _ranged(default: float | None, lo: float | None = None, hi: float | None = N
     return field(default=default, metadata={"min": lo, "max": hi})
 
 
+def _area_range(value: list[float]) -> str | None:
+    """Why ``value`` is not a crop-area range ``[low, high]`` with 0 < low <= high <= 1 (None: it is)."""
+    if len(value) == 2 and 0.0 < value[0] <= value[1] <= 1.0:
+        return None
+    return f"{value!r} is not an area range; valid: [low, high] with 0 < low <= high <= 1, e.g. [0.9, 1.0]"
+
+
 @dataclass
 class ModelConfig:
     """Which CLIP model to start from."""
@@ -94,6 +101,10 @@ class DataConfig:
     eval_batch_size: int = _ranged(256, 1)  # per process
     workers: int = _ranged(8, 0)  # data-loading worker processes per training process
     train_augment: bool = False  # the paper uses none: resize + center crop for train and eval
+    # With train_augment: RandomResizedCrop's area range (FLYP: [0.9, 1.0]) and whether to flip
+    # horizontally at random (FLYP: false). Both are ignored without train_augment.
+    augment_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={"check": _area_range})
+    augment_flip: bool = True
     max_bad_fraction: float = _ranged(0.001, 0.0, 1.0)  # unreadable images tolerated before stopping
     limit_train: int = _ranged(0, 0)  # use only the first N training images (0: all); for smoke runs
 
@@ -130,6 +141,9 @@ class OptimConfig:
     epochs: float = _ranged(10.0, 0.0)
     schedule: str = _choice("onecycle", "onecycle", "cosine", "constant")
     warmup: float = _ranged(0.02, 0.0, 1.0)  # fraction of all steps
+    # > 0: warm-up steps, replacing the warmup fraction (FLYP: 500); for onecycle they set
+    # pct_start = warmup_steps / total steps, for cosine and constant the linear warm-up's length
+    warmup_steps: int = _ranged(0, 0)
     clip_grad_norm: float = _ranged(1.0, 0.0)  # 0 disables clipping
     accum_steps: int = _ranged(1, 1)
     precision: str = _choice("fp32", "fp32", "bf16")
@@ -249,6 +263,10 @@ def _check_metadata(value: Any, f: dataclasses.Field, key: str) -> None:
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ConfigError(f"{key}: {value!r} is out of range; valid: {bounds}")
+    check = f.metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -271,13 +271,17 @@ def build_folder_train_set(
     image_size: int,
     classnames_file: str | os.PathLike[str] | None = None,
     train_augment: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
     transform: Transform | None = None,
 ) -> tuple[ImageFolderDataset, list[str]]:
     """A user's class-per-folder training set and its class names for prompts.
 
     Labels follow the sorted class folder names. Class names come from the folder names
     (underscores become spaces) or from ``classnames_file``: one name per line, in the same
-    order as the sorted folders.
+    order as the sorted folders. ``train_augment``, ``crop_scale`` and ``flip`` shape the
+    training transform (:func:`~robustft.data.transforms.build_transform`) unless
+    ``transform`` is given.
 
     Returns:
         The dataset (its ``classes`` are the folder names) and the class names.
@@ -294,7 +298,7 @@ def build_folder_train_set(
             )
     else:
         names = [c.replace("_", " ") for c in classes]
-    tf = transform or build_transform(image_size, train_augment=train_augment)
+    tf = transform or build_transform(image_size, train_augment=train_augment, crop_scale=crop_scale, flip=flip)
     dataset = ImageFolderDataset(folder, classes, tf)
     if len(dataset) == 0:
         raise DataError(f"training set: expected images in the class folders at {folder}, found none")
@@ -318,10 +322,14 @@ def build_imagenet_train(
     seed: int = 0,
     path_override: str | os.PathLike[str] | None = None,
     train_augment: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
 ) -> ImageNetTrain:
     """ImageNet ``train/`` minus a stratified held-out split (10,240 images by default).
 
-    The held-out images use the eval transform and are scored on all 1000 classes.
+    The training images use :func:`~robustft.data.transforms.build_transform` with
+    ``train_augment``, ``crop_scale`` and ``flip``; the held-out images use the eval
+    transform and are scored on all 1000 classes.
     """
     layout = LAYOUTS.get("imagenet")
     base = find_dataset_dir(layout, _path(data_root), _path(path_override))
@@ -331,8 +339,8 @@ def build_imagenet_train(
         raise DataError(f"imagenet: expected train/ with 1000 WNID class folders at {where}, found no such folder")
     wnids = list(imagenet_wnids())
     validate_class_folders("imagenet", train_dir, wnids, "train/ with 1000 WNID class folders")
-    full = ImageFolderDataset(train_dir, wnids, build_transform(image_size, train_augment=train_augment),
-                              allow_missing=True)
+    train_tf = build_transform(image_size, train_augment=train_augment, crop_scale=crop_scale, flip=flip)
+    full = ImageFolderDataset(train_dir, wnids, train_tf, allow_missing=True)
     train_idx, hold_idx = stratified_holdout(full.targets(), n_holdout, seed)
     holdout = IndexedSubset(full.with_transform(build_transform(image_size)), hold_idx)
     eval_set = EvalSet("imagenet-holdout", holdout, [[i] for i in range(1000)], None, "1000 classes", 1000, wnids)

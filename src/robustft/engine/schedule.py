@@ -4,8 +4,23 @@
 defaults: the lr rises from ``max/25`` to ``max`` over the first ``warmup_frac`` of the
 steps along a half cosine, then falls along a half cosine to ``max/25/1e4``; Adam's beta1
 moves the other way, 0.95 -> 0.85 -> 0.95. ``cosine`` is a linear warm-up followed by a
-cosine decay to 0, and ``constant`` a linear warm-up followed by a flat lr. Every
-scheduler's ``state_dict`` holds only JSON-safe values, so it is stored in ``state.json``.
+cosine decay to 0, and ``constant`` a linear warm-up followed by a flat lr; neither touches
+Adam's betas, which stay as the optimizer was built (0.9, 0.999: FLYP's fixed betas).
+Every scheduler's ``state_dict`` holds only JSON-safe values, so it is stored in ``state.json``.
+
+The warm-up is a fraction of the steps (``warmup_frac``, the paper's 0.02) or, when
+``warmup_steps > 0``, a number of steps that replaces it (FLYP's 500):
+
+- ``cosine`` / ``constant``: exactly ``warmup_steps`` linear warm-up steps, the lr reaching
+  its peak at step ``warmup_steps - 1``; a run shorter than that ends still warming up, as
+  FLYP's reference schedule does.
+- ``onecycle``: ``pct_start = warmup_steps / total_steps``, so the lr peaks at step
+  ``warmup_steps - 1`` too, then anneals over the rest of the run.
+
+``OneCycleLR`` fails at the last step of a cycle whose rise fills every step
+(``pct_start`` 1: a fraction of 1, or ``warmup_steps >= total_steps``); there
+``pct_start`` becomes ``(total_steps - 1) / total_steps`` (the rise ends at the step before
+last). Every shorter warm-up is passed unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ def build_scheduler(
     name: str,
     total_steps: int,
     warmup_frac: float = 0.02,
+    warmup_steps: int = 0,
 ) -> LRScheduler:
     """Build a per-iteration schedule over ``total_steps`` optimizer steps.
 
@@ -70,6 +86,8 @@ def build_scheduler(
         total_steps: Optimizer steps in the whole run (>= 1).
         warmup_frac: Fraction of the steps spent warming up, in ``[0, 1]`` (``pct_start``
             of ``OneCycleLR``; 0.02 in the paper).
+        warmup_steps: Warm-up steps (>= 0); when > 0 they replace ``warmup_frac`` (see the
+            module docstring for what they mean per schedule; FLYP warms up 500 steps).
 
     Returns:
         A scheduler whose ``step()`` is called after every ``optimizer.step()``.
@@ -80,12 +98,15 @@ def build_scheduler(
         raise ConfigError(f"the schedule needs at least one optimizer step; got total_steps={total_steps}")
     if not 0.0 <= warmup_frac <= 1.0:
         raise ConfigError(f"warm-up fraction must lie in [0, 1]; got {warmup_frac}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"warm-up steps must be an integer >= 0 (0: use the warm-up fraction); got {warmup_steps!r}")
     if name == "onecycle":
+        pct = warmup_steps / total_steps if warmup_steps > 0 else warmup_frac
         return OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=warmup_frac,
+            pct_start=pct if pct < 1.0 else (total_steps - 1) / total_steps,
             anneal_strategy="cos",
             cycle_momentum=True,
             base_momentum=0.85,
@@ -94,4 +115,5 @@ def build_scheduler(
             final_div_factor=1e4,
             three_phase=False,
         )
-    return WarmupDecayLR(optimizer, total_steps, round(warmup_frac * total_steps), decay=name)
+    warmup = warmup_steps if warmup_steps > 0 else round(warmup_frac * total_steps)
+    return WarmupDecayLR(optimizer, total_steps, warmup, decay=name)

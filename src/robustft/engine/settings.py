@@ -61,9 +61,12 @@ class TrainSettings:
     Attributes:
         epochs: Passes over the training set (> 0; fractions allowed).
         lr: Peak learning rate. weight_decay: AdamW decoupled weight decay.
-        betas, eps: AdamW's; one-cycle cycles beta1 0.95 -> 0.85 -> 0.95 over them.
+        betas, eps: AdamW's; one-cycle cycles beta1 0.95 -> 0.85 -> 0.95 over them, cosine and
+            constant keep them fixed.
         schedule: One of ``onecycle``, ``cosine``, ``constant``; stepped per optimizer step.
         warmup_frac: Fraction of all steps spent warming up, in [0, 1].
+        warmup_steps: Warm-up steps (>= 0); when > 0 they replace ``warmup_frac``
+            (``build_scheduler`` says what they mean per schedule).
         clip_grad_norm: Max global gradient norm per optimizer step (0 disables).
         accum_steps: Micro-batches per optimizer step.
         precision: ``fp32`` or ``bf16`` (autocast of the forward pass).
@@ -84,6 +87,7 @@ class TrainSettings:
     eps: float = 1e-8
     schedule: str = "onecycle"
     warmup_frac: float = 0.02
+    warmup_steps: int = 0
     clip_grad_norm: float = 1.0
     accum_steps: int = 1
     precision: str = "fp32"
@@ -103,6 +107,8 @@ class TrainSettings:
         checks = [
             ("epochs", self.epochs > 0, "> 0"), ("lr", self.lr > 0, "> 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"), ("warmup_frac", 0 <= self.warmup_frac <= 1, "in [0, 1]"),
+            ("warmup_steps", isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
+             and self.warmup_steps >= 0, "an integer >= 0 (0: use warmup_frac)"),
             ("clip_grad_norm", self.clip_grad_norm >= 0, ">= 0 (0 disables)"),
             ("accum_steps", self.accum_steps >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("keep_last", self.keep_last >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),

@@ -184,7 +184,8 @@ class _Run:
         s = self.s
         groups = self.method.param_groups(s.weight_decay)  # type: ignore[operator]
         self.optimizer = build_optimizer(groups, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, eps=s.eps)
-        self.scheduler = build_scheduler(self.optimizer, s.schedule, self.total_steps, s.warmup_frac)
+        self.scheduler = build_scheduler(self.optimizer, s.schedule, self.total_steps, s.warmup_frac,
+                                         s.warmup_steps)
         if ckpt is not None:
             self._restore(ckpt)
         else:

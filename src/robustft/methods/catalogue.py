@@ -12,7 +12,7 @@ from robustft.methods.base import METHODS
 from robustft.methods.objective import REGULARISERS, TASKS, ComposedMethod, register_composition
 from robustft.methods.wise_ft import WiseStep
 
-__all__ = ["compose", "trains", "with_weight_step"]
+__all__ = ["COMPOSE_EXAMPLE", "compose", "composable_parts", "trains", "with_weight_step"]
 
 register_composition("lp", "linear probe: image encoder frozen, only the zero-shot-initialised head trains",
                      task="ce", task_options={"probe": True}, attrs={"probe": True})
@@ -48,6 +48,10 @@ register_composition("flyp-fd-refill", "FLYP + the paper's counterfactual featur
 
 # ----------------------------------------------------------------------------- names composed on the fly
 _WEIGHT_STEPS = {"wise": WiseStep}
+_WEIGHT_STEP_DESCRIPTIONS = {"wise": "after training, WiSE-FT: interpolate every weight with the zero-shot model "
+                                     "at each of method.alphas"}
+#: A composed name, for help texts: FLYP with the paper's counterfactual feature distillation.
+COMPOSE_EXAMPLE = "flyp+cf-fd"
 
 
 def _bare_tasks() -> dict[str, str]:
@@ -96,6 +100,27 @@ def compose(name: str) -> type[ComposedMethod] | None:
 
 
 METHODS.set_factory(compose)
+
+
+def composable_parts() -> list[tuple[str, list[tuple[str, str]]]]:
+    """The parts a ``TASK+REG[+REG...][+wise]`` name is made of, for ``robustft methods``.
+
+    Returns:
+        ``[(heading, [(name, description), ...]), ...]``: the task objectives (each naming
+        the methods that stand for it alone, ``ft`` for ``ce``), the regularisers, and the
+        weight-space steps (last in a name, optional).
+    """
+    bare = _bare_tasks()
+    tasks = []
+    for key, cls in TASKS.items():
+        aliases = sorted(name for name, task in bare.items() if task == key)
+        also = f" (also written {', '.join(aliases)})" if aliases else ""
+        tasks.append((key, cls.description + also))
+    return [
+        ("task objectives (TASK)", tasks),
+        ("regularisers (REG)", [(key, cls.description) for key, cls in REGULARISERS.items()]),
+        ("weight-space steps (last, optional)", [(key, _WEIGHT_STEP_DESCRIPTIONS[key]) for key in _WEIGHT_STEPS]),
+    ]
 
 
 def trains(name: str) -> bool:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
-from robustft.config import RunConfig
+from robustft.config import DataConfig, RunConfig
 from robustft.data.datasets import (
     EVAL_DATASETS,
     IMAGENET_HOLDOUT,
@@ -129,12 +130,12 @@ def build_run_data(cfg: RunConfig, image_size: int) -> RunData:
     kind = cfg.data.train
     if kind not in TRAIN_KINDS:
         raise ConfigError(f"data.train: unknown kind {kind!r}; {choices_hint(kind, TRAIN_KINDS)}")
-    augment = cfg.data.train_augment
+    augment = _augment(cfg)
     if kind == "imagenet":
         n_hold = IMAGENET_HOLDOUT if cfg.data.holdout == -1 else cfg.data.holdout
         # holdout 0 (keep the last epoch) still splits off one image, which is then unused.
         inet = build_imagenet_train(cfg.data.root, image_size=image_size, n_holdout=max(n_hold, 1),
-                                    seed=cfg.seed, path_override=cfg.data.paths.get("imagenet"), train_augment=augment)
+                                    seed=cfg.seed, path_override=cfg.data.paths.get("imagenet"), **augment)
         holdout = inet.holdout if n_hold > 0 else None
         tests = _test_names(cfg, list(EVAL_DATASETS.names()), list(IMAGENET_SUITE))
         return RunData(_limit(inet.train, cfg.data.limit_train), holdout, _classnames(cfg, inet.classnames),
@@ -153,7 +154,7 @@ def build_run_data(cfg: RunConfig, image_size: int) -> RunData:
         train_dir, folders = cfg.data.train_dir, _folder_tests(cfg, cfg.data.val_dir, cfg.data.ood_folders)
         classes_file, default_templates = None, "openai_imagenet"
     dataset, names = build_folder_train_set(train_dir, image_size=image_size, classnames_file=classes_file,
-                                            train_augment=augment)
+                                            **augment)
     n_train = min(len(dataset), cfg.data.limit_train or len(dataset))
     n_hold = _resolve_holdout(cfg.data.holdout, n_train, max(1, n_train // 20))
     folder_classes = list(dataset.classes)
@@ -163,6 +164,16 @@ def build_run_data(cfg: RunConfig, image_size: int) -> RunData:
         build_folder_eval_set(name, folders[name], train_classes=folder_classes, image_size=image_size)
     return RunData(train, holdout, _classnames(cfg, names), _templates(cfg, default_templates), tests,
                    folder_classes=folder_classes, identity=f"{kind}:{Path(train_dir).resolve()}", folders=folders)
+
+
+def _augment(cfg: RunConfig) -> dict[str, Any]:
+    """The training transform's augmentation arguments (``build_transform``'s) from ``cfg.data``."""
+    d, default = cfg.data, DataConfig()
+    low, high = d.augment_crop_scale
+    if not d.train_augment and ([low, high] != default.augment_crop_scale or d.augment_flip != default.augment_flip):
+        logger.warning("data.augment_crop_scale and data.augment_flip shape data.train_augment's crop and flip; "
+                       "train_augment is false, so they are ignored")
+    return {"train_augment": d.train_augment, "crop_scale": (low, high), "flip": d.augment_flip}
 
 
 def _classnames(cfg: RunConfig, default: list[str]) -> list[str]:

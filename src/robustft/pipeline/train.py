@@ -114,7 +114,8 @@ def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
     decay = (o.weight_decay if m.lp_weight_decay is None else m.lp_weight_decay) if probe else o.weight_decay
     return TrainSettings(
         epochs=epochs, lr=lr, weight_decay=decay, schedule=o.schedule,
-        warmup_frac=o.warmup, clip_grad_norm=o.clip_grad_norm, accum_steps=o.accum_steps, precision=o.precision,
+        warmup_frac=o.warmup, warmup_steps=o.warmup_steps, clip_grad_norm=o.clip_grad_norm,
+        accum_steps=o.accum_steps, precision=o.precision,
         checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep, seed=cfg.seed,
         max_bad_fraction=cfg.data.max_bad_fraction,
     )
