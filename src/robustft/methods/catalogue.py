@@ -48,6 +48,7 @@ register_composition("flyp-fd-refill", "FLYP + the paper's counterfactual featur
 
 # ----------------------------------------------------------------------------- names composed on the fly
 _WEIGHT_STEPS = {"wise": WiseStep}
+_COMPOSED: dict[str, type[ComposedMethod]] = {}
 _WEIGHT_STEP_DESCRIPTIONS = {"wise": "after training, WiSE-FT: interpolate every weight with the zero-shot model "
                                      "at each of method.alphas"}
 #: A composed name, for help texts: FLYP with the paper's counterfactual feature distillation.
@@ -77,6 +78,8 @@ def compose(name: str) -> type[ComposedMethod] | None:
     """
     if "+" not in name:
         return None
+    if name in _COMPOSED:
+        return _COMPOSED[name]
     head, *parts = [part.strip() for part in name.split("+")]
     step = _WEIGHT_STEPS.get(parts[-1]) if parts else None
     regs = parts[:-1] if step is not None else parts
@@ -95,8 +98,11 @@ def compose(name: str) -> type[ComposedMethod] | None:
     if len(set(regs)) != len(regs):
         raise ConfigError(f"method {name!r} names a regulariser twice")
     what = " + ".join([task, *regs]) + (" then WiSE-FT" if step is not None else "")
-    return register_composition(name, f"{what} (composed from its name)", task=task, regularisers=regs,
-                                base=step or ComposedMethod)
+    # Built once and cached, not listed: the registered names (and the errors that list them)
+    # stay the same whatever compositions a process has used.
+    _COMPOSED[name] = register_composition(name, f"{what} (composed from its name)", task=task, regularisers=regs,
+                                           base=step or ComposedMethod, listed=False)
+    return _COMPOSED[name]
 
 
 METHODS.set_factory(compose)
@@ -134,7 +140,10 @@ def with_weight_step(name: str) -> str:
     The registered composition that adds WiSE-FT to the same terms when there is one
     (``ft`` -> ``wise-ft``; an interpolating method keeps its name), else ``wise-ft+NAME``.
     """
-    cls = METHODS.get(name) if name in METHODS else None
+    try:
+        cls: type | None = METHODS.get(name)  # composes TASK+REG names on demand
+    except ConfigError:
+        cls = None
     if cls is None or not issubclass(cls, ComposedMethod) or cls.stage_names:
         return f"{_WISE_BASE}+{name}"
     if cls.interpolates:

@@ -371,7 +371,7 @@ def _describe(task: str, regularisers: Sequence[str], task_options: Mapping[str,
 def register_composition(name: str, description: str, *, task: str = "ce", regularisers: Sequence[str] = (),
                          task_options: Mapping[str, Any] | None = None, stages: Sequence[str] = (),
                          attrs: Mapping[str, Any] | None = None,
-                         base: type[ComposedMethod] = ComposedMethod) -> type[ComposedMethod]:
+                         base: type[ComposedMethod] = ComposedMethod, listed: bool = True) -> type[ComposedMethod]:
     """Register the method ``name`` as a composition and return its class.
 
     Args:
@@ -383,6 +383,8 @@ def register_composition(name: str, description: str, *, task: str = "ce", regul
         stages: For a method made of stages (LP-FT): the methods fitted one after the other.
         attrs: More class attributes (``probe``, ``interpolates``, ...).
         base: The class to derive from (a subclass adds a weight-space step).
+        listed: Add it to the registry (``robustft methods``, error messages); False for
+            a composition built on demand from its name, which the caller caches.
     """
     task_options = dict(task_options or {})
     composition = " -> ".join(stages) if stages else _describe(task, regularisers, task_options)
@@ -400,7 +402,8 @@ def register_composition(name: str, description: str, *, task: str = "ce", regul
         cls.accepts_teacher_cams = any(getattr(c, "accepts_teacher_cams", False) for c in classes)
     cls.name = name
     cls.description = description
-    METHODS.add(name, cls)
+    if listed:
+        METHODS.add(name, cls)
     return cls
 
 
