@@ -158,7 +158,8 @@ def test_uniform_soup_of_runs_is_the_mean_of_every_weight_head_included(runs, tm
     extra = meta["extra"]
     assert extra["method"] == "soup" and extra["greedy"] is False
     assert extra["ingredients"] == [str(runs[n]) for n in "abc"]
-    assert extra["config"] == json.loads((runs["a"] / "classifier.json").read_text())["extra"]["config"]
+    source_config = json.loads((runs["a"] / "classifier.json").read_text())["extra"]["config"]
+    assert extra["config"] == {**source_config, "name": out.name}  # rows are named after the soup
     assert extra["test_sets"] == ["id"] and "id" in extra["folders"]
     log = json.loads((out / "soup.json").read_text())
     assert [c["kept"] for c in log["candidates"]] == [True, True, True]
@@ -168,7 +169,7 @@ def test_uniform_soup_of_runs_is_the_mean_of_every_weight_head_included(runs, tm
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--out", str(results), "--no-progress"]) == 0, capsys.readouterr().err
     rows = read_rows([str(results)])
-    assert [(r.dataset, r.method) for r in rows] == [("id", "soup")] and 0 <= rows[0].top1 <= 100
+    assert [(r.dataset, r.method, r.run) for r in rows] == [("id", "soup", out.name)] and 0 <= rows[0].top1 <= 100
     classifier, _ = load_classifier(out)
     assert classifier.num_classes == len(meta["classnames"])
 

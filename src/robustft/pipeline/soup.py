@@ -275,6 +275,8 @@ def _write(out: Path, result: SoupResult, runs: list[_Run], *, greedy: bool, ide
         "config_from": source.arg,
         **{k: source.extra[k] for k in _COPIED_EXTRA if k in source.extra},
     }
+    if isinstance(extra.get("config"), dict):  # rows of `eval --run SOUP` are named after the soup, not its source
+        extra["config"] = {**extra["config"], "name": Path(out).name}
     run_dir = prepare_run_dir(out, kind="soup", identity=identity, overwrite=overwrite,
                               extra={"method": "soup", "greedy": greedy, "runs": [r.arg for r in runs]})
     save_classifier(result.model, run_dir, model_name=first.meta["model_name"],  # type: ignore[arg-type]
