@@ -148,3 +148,14 @@ def test_fused_kernel_is_only_asked_for_where_it_exists() -> None:
     assert fused_supported([torch.zeros(2, requires_grad=True)])
     assert not fused_supported([torch.zeros(2, dtype=torch.float64, device="meta")])
     assert not fused_supported([torch.zeros(2), torch.zeros(2, device="meta")])
+
+
+def test_onecycle_refuses_a_single_warmup_step_and_survives_a_fraction_of_one_step() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    with pytest.raises(ConfigError, match="warmup_steps >= 2"):
+        build_scheduler(torch.optim.AdamW(params, lr=1.0), "onecycle", 10, 0.0, warmup_steps=1)
+    optimizer = torch.optim.AdamW(params, lr=1.0)
+    scheduler = build_scheduler(optimizer, "onecycle", 50, 0.02)  # 0.02 * 50 = one step: used to divide by zero
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()

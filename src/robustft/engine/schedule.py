@@ -101,7 +101,12 @@ def build_scheduler(
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ConfigError(f"warm-up steps must be an integer >= 0 (0: use the warm-up fraction); got {warmup_steps!r}")
     if name == "onecycle":
+        if warmup_steps == 1:
+            raise ConfigError("the onecycle schedule needs optim.warmup_steps >= 2 (PyTorch's one-cycle rise "
+                              "spans at least one step); use 2 or more, 0 for optim.warmup, or schedule cosine")
         pct = warmup_steps / total_steps if warmup_steps > 0 else warmup_frac
+        if pct * total_steps == 1.0:  # the rise would end at step 0 and divide by zero inside OneCycleLR
+            pct = (1.0 + 1e-6) / total_steps
         return OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
