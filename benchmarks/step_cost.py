@@ -31,12 +31,14 @@ when it distils; the CAM cache when it uses one) and runs ``--mem-steps`` steps:
 - CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the models were
   built (weights, gradients, AdamW state, activations, counterfactual images);
 - CPU: the peak resident set size (``VmHWM``) minus the RSS before the models were built.
-  The peak is reset (``/proc/self/clear_refs``) after the models are built and the unused
-  text tower is freed, so the transient full-CLIP construction does not count.
+  The peak is reset (``/proc/self/clear_refs``) after the models are built and CLIP's own
+  text tower is freed, so the transient full-CLIP construction does not count (a method
+  that trains the text tower holds a copy of it, which counts, as in training).
 
 Other outputs: a phase breakdown of ``--breakdown-steps`` extra steps per method (clean
-forward, CAM, masking, teacher forward, student forward on the counterfactual, backward,
-clip, optimizer; measured by wrapping the method's own calls with timers), an evaluation
+forward, CAM, masking, teacher forward, student forward on the counterfactual, caption
+tokenization and text-tower forward for FLYP, backward, clip, optimizer; measured by
+wrapping the method's own calls with timers), an evaluation
 forward timing (``ImageClassifier`` under ``inference_mode`` against open_clip's
 ``encode_image`` plus the head matmul, same weights and images), and with ``--profile`` a
 ``torch.profiler`` operator table per method.
@@ -46,6 +48,7 @@ Examples::
     python benchmarks/step_cost.py                                   # ViT-B-32, batch 8, CPU
     python benchmarks/step_cost.py --batch 32 --steps 3 --warmup 1 --json b32.json
     python benchmarks/step_cost.py --methods all --json all.json
+    python benchmarks/step_cost.py --methods fd objective                # FLYP, FLYP + cf-FD, L2-SP against ft
     python benchmarks/step_cost.py --model ViT-B-16 --batch 128 --device cuda --precision bf16 --steps 20 --warmup 5
 """
 
@@ -66,7 +69,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +77,15 @@ import torch.nn.functional as F
 from robustft.engine.optim import build_optimizer, default_param_groups
 from robustft.methods import METHODS, MethodOptions, build_method
 from robustft.methods.base import Method, feature_loss, task_loss
+from robustft.methods.task_contrastive import TextSide
 from robustft.model import ClassifierHead, ImageClassifier, compute_cam, load_clip
+from robustft.model.prompts import load_classnames, load_templates
+from robustft.model.text import TextTower
 from robustft.ops.cam import normalize_cam
 from robustft.ops.masking import build_counterfactual, make_generator, parse_masking
 
-NUM_CLASSES = 1000
+NUM_CLASSES = 1000  # with ImageNet's class names for the captions of the text-training cases
+TEMPLATES = "openai_imagenet"  # CLIP's 80 ImageNet templates: each caption row draws one
 POOL_BATCHES = 4  # distinct synthetic batches cycled through (the CAM cache covers them all)
 
 
@@ -122,12 +129,17 @@ PRESETS: dict[str, Case] = {c.key: c for c in (
     Case("kd-refill", "kd-refill", "ObjMaskSingleFill(0.3)", "student"),
     Case("tokendrop", "fd-tokendrop", "RandMaskNoFill(0.75)"),
     Case("attnmask", "fd-attnmask", "ObjMaskNoFill(0.3)", "student"),
+    Case("l2sp", "l2sp"),
+    Case("flyp", "flyp"),
+    Case("flyp-fd-refill", "flyp-fd-refill", "ObjMaskSingleFill(0.3)", "student"),
     Case("ref-fd", "fd", reference=True),
     Case("ref-rand", "fd-refill", "RandMaskSingleFill(0.5)", reference=True),
     Case("ref-flagship", "fd-refill", "ObjMaskSingleFill(0.3)", "student", reference=True),
 )}
 DEFAULT_CASES = ("ft", "fd", "rand", "flagship", "flagship-cached")
 REFERENCE_CASES = ("ref-fd", "ref-rand", "ref-flagship")
+OBJECTIVE_CASES = ("flyp", "flyp-fd-refill", "l2sp")  # methods of the objective layer beyond CE + distillation
+GROUPS = {"reference": REFERENCE_CASES, "objective": OBJECTIVE_CASES}
 
 
 def parse_case(text: str) -> Case:
@@ -149,7 +161,7 @@ def resolve_cases(names: Sequence[str]) -> list[Case]:
     """Cases in the given order, ft first (every ratio needs it); ``all`` expands to every preset."""
     keys: list[str] = []
     for name in names:
-        keys.extend(PRESETS if name == "all" else REFERENCE_CASES if name == "reference" else [name])
+        keys.extend(PRESETS if name == "all" else GROUPS.get(name, [name]))
     cases = [parse_case(k) for k in dict.fromkeys(keys)]
     if not any(c.key == "ft" for c in cases):
         cases.insert(0, PRESETS["ft"])
@@ -157,8 +169,16 @@ def resolve_cases(names: Sequence[str]) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- models and data
-def build_models(name: str, device: torch.device, seed: int) -> tuple[Any, ImageClassifier, ImageClassifier]:
-    """(open_clip model, frozen teacher, student copy) with random weights, on ``device``.
+class Models(NamedTuple):
+    clip_model: Any
+    teacher: ImageClassifier
+    student: ImageClassifier
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+
+def load_models(name: str, device: torch.device, seed: int) -> Models:
+    """The open_clip model, frozen teacher and student copy with random weights, on ``device``, and
+    the model's tokenizer.
 
     The head is a random [1000, D] zero-shot-like head (unit rows times logit_scale.exp()).
     The teacher shares the open_clip model's image tower (the eval comparison needs both).
@@ -170,17 +190,44 @@ def build_models(name: str, device: torch.device, seed: int) -> tuple[Any, Image
     head = ClassifierHead.from_zeroshot(weights, bundle.model.logit_scale)
     teacher = ImageClassifier(bundle.model.visual, head, bundle.preprocess).to(device).eval()
     student = copy.deepcopy(teacher).train()
-    return bundle.model.to(device), teacher, student
+    return Models(bundle.model.to(device), teacher, student, bundle.tokenizer)
+
+
+def build_models(name: str, device: torch.device, seed: int) -> tuple[Any, ImageClassifier, ImageClassifier]:
+    """(open_clip model, frozen teacher, student copy): :func:`load_models` without the tokenizer."""
+    clip_model, teacher, student, _ = load_models(name, device, seed)
+    return clip_model, teacher, student
+
+
+def needs_text(case: Case) -> bool:
+    """Whether the case's method trains the text tower (FLYP and its compositions)."""
+    options = MethodOptions(masking=case.masking, cam_source=case.cam_source or "student")
+    return not case.reference and METHODS.get(case.method).requirements(options).text_tower
+
+
+def build_text_side(clip_model: Any, tokenizer: Callable[[list[str]], torch.Tensor],
+                    device: torch.device) -> TextSide:
+    """What the pipeline gives a text-training method: a trainable COPY of the same CLIP's text
+    tower, the model's tokenizer, ImageNet's 1000 class names and CLIP's 80 templates."""
+    tower = TextTower.from_clip(clip_model, copy=True).to(device).train()
+    return TextSide(tower=tower, tokenizer=tokenizer, classnames=load_classnames("imagenet"),
+                    templates=load_templates(TEMPLATES))
 
 
 def make_pool(batch: int, size: int, device: torch.device, seed: int) -> list[dict[str, torch.Tensor]]:
-    """``POOL_BATCHES`` synthetic batches ``{"image" [B,3,S,S] in [0,1], "label", "index"}``."""
+    """``POOL_BATCHES`` synthetic batches ``{"image" [B,3,S,S] in [0,1], "label", "index", "template"}``.
+
+    ``template`` is each row's template index (a caption row, as FLYP's loader yields them);
+    methods without a text tower ignore it.
+    """
     gen = torch.Generator().manual_seed(seed + 1)
     n = batch * POOL_BATCHES
     images = torch.rand(n, 3, size, size, generator=gen)
     labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    templates = torch.randint(0, len(load_templates(TEMPLATES)), (n,), generator=gen)
     return [{"image": images[i:i + batch].to(device), "label": labels[i:i + batch].to(device),
-             "index": torch.arange(i, i + batch, device=device)} for i in range(0, n, batch)]
+             "index": torch.arange(i, i + batch, device=device), "template": templates[i:i + batch].to(device)}
+            for i in range(0, n, batch)]
 
 
 def teacher_cam_cache(teacher: ImageClassifier, pool: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -240,13 +287,18 @@ class ReferenceSequence(torch.nn.Module):
 
 
 def build_case(case: Case, student: ImageClassifier, teacher: ImageClassifier | None,
-               cams: torch.Tensor | None) -> Method | ReferenceSequence:
+               cams: torch.Tensor | None, text: TextSide | None = None) -> Method | ReferenceSequence:
+    """The case's method; ``text`` is the text side of the cases that train the text tower."""
     options = MethodOptions(masking=case.masking, cam_source=case.cam_source or "student")
     if case.reference:
         if teacher is None:
             raise SystemExit(f"case {case.key!r} needs the teacher")
         return ReferenceSequence(case, student, teacher, options.distill_weight)
-    return build_method(case.method, student, teacher, options, teacher_cams=cams if case.cached else None)
+    if needs_text(case) and text is None:
+        raise SystemExit(f"case {case.key!r} trains the text tower: pass build_text_side(...) as text")
+    context = {"text": text} if text is not None else None
+    return build_method(case.method, student, teacher, options, teacher_cams=cams if case.cached else None,
+                        context=context)
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -259,10 +311,13 @@ class Stepper:
     """Runs the trainer's step sequence for one method and times it (optionally per phase)."""
 
     def __init__(self, method: Method | ReferenceSequence, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str):
+                 precision: str, trainable: Sequence[tuple[torch.nn.Parameter, bool]] = ()):
+        """``trainable``: (parameter, requires_grad) pairs set before every step (untimed), for
+        cases that share modules but train different parts of them (FLYP's head is frozen)."""
         self.method, self.optimizer, self.device = method, optimizer, device
         self.params = [p for p in method.trainable_module().parameters() if p.requires_grad]
         self.precision = precision
+        self.trainable = list(trainable)
         self.phases: dict[str, float] | None = None
         self._open: list[str] = []  # phases entered and not left, innermost last
         self._mark = 0.0
@@ -308,6 +363,8 @@ class Stepper:
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         """One optimizer step on ``batch``; returns its (wall, process CPU) time in seconds."""
+        for param, flag in self.trainable:
+            param.requires_grad_(flag)
         sync(self.device)
         start, start_cpu = time.perf_counter(), time.process_time()
         with self.phase("forward"), self._autocast():
@@ -323,6 +380,9 @@ class Stepper:
             self.optimizer.zero_grad(set_to_none=True)
         sync(self.device)
         return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+_UNSET = object()
 
 
 def _timed_wrapper(stepper: Stepper, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -342,12 +402,12 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
     forward that a CAM computed on the fly runs (counted under ``teacher forward``).
     """
     method = stepper.method
-    patched: list[tuple[Any, str]] = []
+    patched: list[tuple[Any, str, Any]] = []  # (object, attribute, its own value before, or _UNSET)
 
     def patch(obj: Any, attr: str, name: str) -> None:
         if obj is not None and hasattr(obj, attr):
+            patched.append((obj, attr, vars(obj).get(attr, _UNSET)))
             setattr(obj, attr, _timed_wrapper(stepper, name, getattr(obj, attr)))
-            patched.append((obj, attr))
 
     # The counterfactual term of the composition (objective layer) owns the CAM and the masking.
     term = next((t for t in getattr(method, "reg_terms", ()) if hasattr(t, "counterfactual")), None)
@@ -355,10 +415,16 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
         patch(term, "_cam", "cam")  # the CAM, or its look-up in the teacher-CAM cache
     patch(term, "counterfactual", "masking")
     patch(teacher, "forward_features", "teacher forward")
+    # A text-training task (FLYP) tokenizes the batch's captions and runs the text tower
+    # (its backward is part of "backward").
+    patch(getattr(getattr(method, "objective", None), "side", None), "tokenizer", "tokenize")
     student_call = method.student_call
     calls = {"n": 0}
 
     def timed_student_call(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "encode_text":
+            with stepper.phase("text tower forward"):
+                return student_call(name, *args, **kwargs)
         label = "student clean forward" if calls["n"] == 0 else "student cf forward"
         if calls["n"] == 0 and args and args[0].shape[0] > calls["batch"]:
             label = "student clean+cf forward"  # one pass over [x; x_cf]
@@ -366,8 +432,8 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
         with stepper.phase(label):
             return student_call(name, *args, **kwargs)
 
+    patched.append((method, "student_call", _UNSET))
     method.student_call = timed_student_call  # type: ignore[method-assign]
-    patched.append((method, "student_call"))
     runs: list[dict[str, float]] = []
     try:
         for i in range(steps):
@@ -376,8 +442,11 @@ def breakdown(stepper: Stepper, teacher: ImageClassifier | None, pool: Sequence[
             runs.append({**_net_phases(stepper.phases), "(step)": wall if stepper.device.type == "cuda" else cpu})
     finally:
         stepper.phases = None
-        for obj, attr in patched:
-            delattr(obj, attr)
+        for obj, attr, before in reversed(patched):
+            if before is _UNSET:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, before)
     # "(step)" is the whole step on the same clock, to check that the phases account for it.
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]} if runs else {}
 
@@ -483,11 +552,13 @@ def measure_memory(config: dict[str, Any]) -> dict[str, Any]:
     else:
         _trim_and_reset_peak()
         base = _status_kb("VmRSS") * 1024
-    clip_model, teacher, student = build_models(config["model"], torch.device("cpu"), config["seed"])
-    del clip_model  # the text tower is not part of any method
+    clip_model, teacher, student, tokenizer = load_models(config["model"], torch.device("cpu"), config["seed"])
+    # The text tower is part of a method only when it trains it (a copy, as the pipeline holds it).
+    text = build_text_side(clip_model, tokenizer, device) if needs_text(case) else None
+    del clip_model
     teacher = teacher.to(device) if METHODS.get(case.method).needs_teacher else None
     cams = teacher_cam_cache(teacher, pool) if case.cached and teacher is not None else None
-    method = build_case(case, student.to(device), teacher, cams)
+    method = build_case(case, student.to(device), teacher, cams, text)
     optimizer = build_optimizer(method.param_groups(0.1), lr=3e-5, weight_decay=0.1)
     gc.collect()
     # The peak starts from what is held now (models, cache): transients of the construction
@@ -596,19 +667,25 @@ def profile_cases(steppers: dict[str, Stepper], pool: Sequence[dict[str, torch.T
 # ----------------------------------------------------------------------------- main
 def build_steppers(cases: Sequence[Case], student: ImageClassifier, teacher: ImageClassifier,
                    cams: torch.Tensor | None, optimizer: torch.optim.Optimizer, device: torch.device,
-                   precision: str) -> dict[str, Stepper]:
-    """One :class:`Stepper` per case, all on the same student, teacher and optimizer.
+                   precision: str, text: TextSide | None = None) -> dict[str, Stepper]:
+    """One :class:`Stepper` per case, all on the same student, teacher, text side and optimizer.
 
     Sharing is fine for timing (random weights) but needs every case to train the whole
-    student: a method that freezes part of it (lp, lp-ft) would freeze it for all cases.
+    image tower: a method that freezes part of it (lp, lp-ft) is refused. What each method
+    chose to train (FLYP freezes the head, which it rebuilds from the text tower) is
+    recorded after it is built and set again before each of its steps.
     """
+    shared = [*student.parameters(), *(text.tower.parameters() if text is not None else ())]
     steppers = {}
     for case in cases:
-        method = build_case(case, student, teacher, cams)
-        if not all(p.requires_grad for p in student.parameters()):
+        for param in shared:
+            param.requires_grad_(True)
+        method = build_case(case, student, teacher, cams, text if needs_text(case) else None)
+        if not all(p.requires_grad for p in student.visual.parameters()):
             raise SystemExit(f"case {case.key!r}: method {case.method!r} trains only part of the student; "
                              "step_cost.py times methods that train the whole model")
-        steppers[case.key] = Stepper(method, optimizer, device, precision)
+        trainable = [(param, param.requires_grad) for param in shared]
+        steppers[case.key] = Stepper(method, optimizer, device, precision, trainable)
     return steppers
 
 
@@ -624,7 +701,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_CASES),
                         help=f"cases: {', '.join(PRESETS)}, 'all', 'reference' (the ref-* cases: the reference "
-                             "implementation's pass sequence), or METHOD[@MASKING[@SOURCE]] "
+                             "implementation's pass sequence), 'objective' (flyp, flyp-fd-refill, l2sp), or "
+                             "METHOD[@MASKING[@SOURCE]] "
                              f"(default: {' '.join(DEFAULT_CASES)}; ft is always added)")
     parser.add_argument("--memory", choices=("child", "none"), default="child",
                         help="measure peak memory in a fresh process per case, or skip it")
@@ -653,12 +731,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cases = resolve_cases(args.methods)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    clip_model, teacher, student = build_models(args.model, device, args.seed)
+    clip_model, teacher, student, tokenizer = load_models(args.model, device, args.seed)
     pool = make_pool(args.batch, teacher.preprocess.image_size, device, args.seed)
     cams = teacher_cam_cache(teacher, pool) if any(c.cached for c in cases) else None
-    optimizer = build_optimizer([{"params": list(student.parameters()), "weight_decay": 0.1}], lr=3e-5,
-                                weight_decay=0.1)
-    steppers = build_steppers(cases, student, teacher, cams, optimizer, device, args.precision)
+    text = build_text_side(clip_model, tokenizer, device) if any(needs_text(c) for c in cases) else None
+    # One optimizer over everything any case trains; AdamW skips parameters without a gradient,
+    # so a case pays only for what it trains.
+    params = [*student.parameters(), *(text.tower.parameters() if text is not None else ())]
+    optimizer = build_optimizer([{"params": params, "weight_decay": 0.1}], lr=3e-5, weight_decay=0.1)
+    steppers = build_steppers(cases, student, teacher, cams, optimizer, device, args.precision, text)
     print(f"{args.model} {teacher.preprocess.image_size}px, batch {args.batch}, {device}, {args.precision}, "
           f"{args.threads} thread(s), cases: {', '.join(steppers)}; load average {load_before}", flush=True)
     times = time_cases(steppers, pool, args.warmup, args.steps)
@@ -671,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                             args.precision) if args.eval_repeats > 0 else None)
     load_after = os.getloadavg()
     image_size = teacher.preprocess.image_size
-    del steppers, optimizer, student, teacher, clip_model, cams
+    del steppers, optimizer, student, teacher, clip_model, cams, text
     gc.collect()
     memory = memory_table(cases, args, image_size) if args.memory == "child" else {}
     records = build_records(cases, times, args.batch, memory, phases)

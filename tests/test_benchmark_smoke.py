@@ -27,10 +27,11 @@ def test_main_times_every_case_and_writes_json_records(step_cost: ModuleType, tm
     out = tmp_path / "cost.json"
     records = step_cost.main(["--model", "robustft-tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
                               "--threads", "1", "--methods", "flagship", "flagship-cached", "rand", "fd",
-                              "--memory", "none", "--breakdown-steps", "1", "--eval-repeats", "1",
+                              "objective", "--memory", "none", "--breakdown-steps", "1", "--eval-repeats", "1",
                               "--json", str(out)])
     by_case = {r["case"]: r for r in records}
-    assert list(by_case) == ["ft", "flagship", "flagship-cached", "rand", "fd"]  # ft added and first
+    assert list(by_case) == ["ft", "flagship", "flagship-cached", "rand", "fd",  # ft added and first
+                             "flyp", "flyp-fd-refill", "l2sp"]
     assert by_case["ft"]["ratio_to_ft"] == pytest.approx(1.0)
     for r in records:
         assert r["images_per_s"] > 0 and math.isfinite(r["ratio_to_ft"]) and r["ratio_to_ft"] > 0
@@ -47,6 +48,18 @@ def test_main_times_every_case_and_writes_json_records(step_cost: ModuleType, tm
     assert "teacher forward" not in by_case["ft"]["phases_s"]
     assert "student cf forward" not in by_case["fd"]["phases_s"]
     assert "cam" not in by_case["rand"]["phases_s"] and "cam" in by_case["flagship-cached"]["phases_s"]
+    # FLYP tokenizes the captions and runs the text tower after the clean student pass; with the
+    # counterfactual term it also has the flagship's CAM, teacher and counterfactual passes.
+    for key in ("flyp", "flyp-fd-refill"):
+        for phase in ("student clean forward", "tokenize", "text tower forward", "backward"):
+            assert phase in by_case[key]["phases_s"], (key, phase)
+    assert "teacher forward" not in by_case["flyp"]["phases_s"] and "cam" not in by_case["flyp"]["phases_s"]
+    for phase in ("cam", "masking", "teacher forward", "student cf forward"):
+        assert phase in by_case["flyp-fd-refill"]["phases_s"], phase
+    for key in ("ft", "fd", "l2sp", "flagship"):
+        assert "text tower forward" not in by_case[key]["phases_s"], key
+    assert (by_case["flyp-fd-refill"]["masking"], by_case["flyp-fd-refill"]["cam_source"]) == (
+        "ObjMaskSingleFill(0.3)", "student")
     # Without the student's CAM, clean and counterfactual images share one student pass.
     for key in ("rand", "flagship-cached"):
         assert "student clean+cf forward" in by_case[key]["phases_s"], key
@@ -86,12 +99,40 @@ def test_case_parsing() -> None:
     assert [c.key for c in step_cost.resolve_cases(["rand", "fd", "rand"])] == ["ft", "rand", "fd"]
     assert {c.key for c in step_cost.resolve_cases(["all"])} == set(step_cost.PRESETS)
     assert [c.key for c in step_cost.resolve_cases(["reference"])] == ["ft", "ref-fd", "ref-rand", "ref-flagship"]
+    assert [c.key for c in step_cost.resolve_cases(["objective"])] == ["ft", "flyp", "flyp-fd-refill", "l2sp"]
+    assert [step_cost.needs_text(step_cost.PRESETS[k]) for k in ("ft", "l2sp", "flyp", "flyp-fd-refill")] == [
+        False, False, True, True]
     with pytest.raises(SystemExit):
         step_cost.parse_case("fd-refill@ObjMaskSingleFill(0.3)@nobody")
     # Cases share one student, so a method that freezes part of it is refused.
     with pytest.raises(SystemExit, match="trains only part"):
         step_cost.main(["--model", "robustft-tiny", "--batch", "2", "--steps", "1", "--threads", "1",
                         "--methods", "lp", "--memory", "none", "--eval-repeats", "0"])
+
+
+def test_cases_sharing_the_student_train_what_their_method_trains(step_cost: ModuleType) -> None:
+    """FLYP trains both towers but not the head (rebuilt from the text tower); ft, built on the
+    same student, trains the head: each stepper sets its own trainable parameters."""
+    import torch
+
+    torch.set_num_threads(1)
+    clip_model, teacher, student, tokenizer = step_cost.load_models("robustft-tiny", torch.device("cpu"), 0)
+    text = step_cost.build_text_side(clip_model, tokenizer, torch.device("cpu"))
+    pool = step_cost.make_pool(4, teacher.preprocess.image_size, torch.device("cpu"), 0)
+    assert all(0 <= int(t) < len(text.templates) for t in pool[0]["template"])
+    params = [*student.parameters(), *text.tower.parameters()]
+    optimizer = step_cost.build_optimizer([{"params": params, "weight_decay": 0.1}], lr=1e-3, weight_decay=0.1)
+    cases = [step_cost.PRESETS[k] for k in ("ft", "flyp")]
+    steppers = step_cost.build_steppers(cases, student, teacher, None, optimizer, torch.device("cpu"), "fp32", text)
+    assert isinstance(steppers["flyp"].method.trainable_module(), torch.nn.Module)
+    for key, head_moves in (("flyp", False), ("ft", True), ("flyp", False)):
+        head = student.head.weight.detach().clone()
+        tower = text.tower.token_embedding.weight.detach().clone()
+        visual = next(student.visual.parameters()).detach().clone()
+        steppers[key].step(pool[0])
+        assert not torch.equal(visual, next(student.visual.parameters())), key
+        assert torch.equal(head, student.head.weight) != head_moves, key
+        assert torch.equal(tower, text.tower.token_embedding.weight) == (key == "ft"), key
 
 
 @pytest.mark.parametrize(("ref", "ours"), [("ref-fd", "fd"), ("ref-rand", "rand"), ("ref-flagship", "flagship")])
