@@ -23,7 +23,7 @@ from robustft.model import ImageClassifier, load_classifier, load_clip, save_cla
 from robustft.model.text import TEXT_TOWER_FILE, TextTower, load_text_tower_into, save_text_tower
 from robustft.ops.weights import parse_alphas
 from robustft.pipeline.data import IMAGENET_SUITE
-from robustft.pipeline.runs import classifier_folder, git_sha, run_label
+from robustft.pipeline.runs import classifier_folder, git_sha, run_label, run_of_classifier
 from robustft.reports.plots import write_report
 from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
 from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
@@ -109,8 +109,7 @@ def _run_name(folder: Path, meta: dict[str, Any]) -> str:
     alpha = meta.get("extra", {}).get("alpha")
     if not isinstance(alpha, (int, float)) or not folder.name.startswith("alpha_"):
         return run_label(_config_name(meta), folder)
-    top = folder.parent.parent if folder.parent.name == "wise" else folder.parent
-    return f"{run_label(_config_name(meta), top)}@{alpha:.2f}"
+    return f"{run_label(_config_name(meta), run_of_classifier(folder))}@{alpha:.2f}"
 
 
 def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | None = None,

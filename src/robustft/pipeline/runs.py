@@ -27,7 +27,8 @@ from robustft.errors import CheckpointError, ConfigError
 from robustft.safeio import read_json, write_json
 
 __all__ = ["RUN_FILE", "git_sha", "versions", "check_run_dir", "prepare_run_dir", "read_run_info",
-           "check_writable", "run_label", "classifier_folder", "wise_alphas"]
+           "check_writable", "run_label", "classifier_folder", "wise_alphas", "wise_folder", "run_of_classifier",
+           "WISE_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +164,27 @@ def run_label(config_name: str | None, folder: str | Path) -> str:
     return Path(folder).resolve().name
 
 
+WISE_DIR = "wise"  # a run's interpolated classifiers: RUN/wise/alpha_X.XX/
+
+
+def wise_folder(run_dir: str | Path, alpha: float) -> Path:
+    """Where a run keeps its WiSE-FT classifier at ``alpha``: ``RUN/wise/alpha_X.XX``."""
+    return Path(run_dir) / WISE_DIR / f"alpha_{alpha:.2f}"
+
+
+def run_of_classifier(folder: str | Path) -> Path:
+    """The run folder of an interpolated classifier's folder (``RUN/wise/alpha_X.XX`` -> ``RUN``).
+
+    A folder written by ``robustft wise --save DIR`` (``DIR/alpha_X.XX``) belongs to ``DIR``.
+    """
+    parent = Path(folder).parent
+    return parent.parent if parent.name == WISE_DIR else parent
+
+
 def wise_alphas(run_dir: str | Path) -> dict[float, Path]:
     """The WiSE-FT classifiers a run folder holds: ``{alpha: RUN/wise/alpha_X.XX}``, by alpha."""
     found: dict[float, Path] = {}
-    wise = Path(run_dir) / "wise"
+    wise = Path(run_dir) / WISE_DIR
     if wise.is_dir():
         for path in wise.iterdir():
             if path.name.startswith("alpha_") and (path / "classifier.json").is_file():

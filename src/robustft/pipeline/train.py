@@ -40,7 +40,7 @@ from robustft.model.text import TextTower, save_text_tower
 from robustft.model.pretrain import load_or_pretrain_demo_clip
 from robustft.model.vit import vit_unsupported_reason
 from robustft.pipeline.data import RunData, build_run_data, build_test_sets, world_paths
-from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir, run_label
+from robustft.pipeline.runs import check_run_dir, git_sha, prepare_run_dir, run_label, wise_folder
 from robustft.reports.results import append_rows, rows_from_results
 from robustft.safeio import load_tensors, save_tensors
 from robustft.reports.tables import guess_id_dataset, summary_table, to_markdown
@@ -311,7 +311,7 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
     endpoint = _endpoint(cfg) if data.holdout is not None else "last"
     rows: list[Any] = []
     for alpha, classifier in _kept_classifiers(finals, models.student):
-        out = run_dir if alpha is None else run_dir / "wise" / f"alpha_{alpha:.2f}"
+        out = run_dir if alpha is None else wise_folder(run_dir, alpha)
         if dist.is_primary:
             save_classifier(classifier, out, model_name=cfg.model.name, pretrained=bundle.pretrained,
                             classnames=data.classnames, templates=templates,
