@@ -42,6 +42,8 @@ from robustft.registry import Registry
 
 __all__ = [
     "EvalSet",
+    "Grouping",
+    "METRICS",
     "EVAL_DATASETS",
     "IMAGENET_HOLDOUT",
     "build_eval_set",
@@ -59,6 +61,29 @@ IMAGENET_HOLDOUT = 10_240
 """Training images the ImageNet recipe holds out (stratified) for model selection."""
 
 
+METRICS = ("top1", "top5", "macro_f1", "worst_region", "worst_year", "ece", "nll")
+"""Every metric an evaluation can report (see :mod:`robustft.evaluation.metrics`)."""
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A partition of an evaluation set's images (FMoW's regions or years) for worst-group metrics.
+
+    Attributes:
+        kind: What the groups are (``"region"``, ``"year"``); the metric ``worst_<kind>`` is
+            the lowest top-1 accuracy over the groups.
+        names: The group names, in group-id order.
+        ids: The group id of each image of the set, by its position (-1: in no group).
+        excluded: Group names left out of the worst-group minimum (FMoW's ``"Other"`` region);
+            their accuracy is still reported.
+    """
+
+    kind: str
+    names: list[str]
+    ids: list[int]
+    excluded: tuple[str, ...] = ()
+
+
 @dataclass
 class EvalSet:
     """A dataset and how to score it.
@@ -72,6 +97,11 @@ class EvalSet:
         protocol: Short description of the scoring, e.g. ``"200-class subset"``.
         num_classes: Number of head classes the indices refer to (the head's size).
         label_names: A readable name per dataset label (WNID, folder or class name).
+        metrics: The metrics the set's protocol reports beyond top-1/top-5 and calibration
+            (``"macro_f1"``, ``"worst_region"``, ``"worst_year"``; names from :data:`METRICS`).
+        headline: The metric the literature reports for this set (``"top1"``, ``"macro_f1"``,
+            ``"worst_region"``); tables and OOD averages use it.
+        groups: Partitions of the images for ``worst_<kind>`` metrics, by kind.
     """
 
     name: str
@@ -81,6 +111,9 @@ class EvalSet:
     protocol: str
     num_classes: int
     label_names: list[str] = field(default_factory=list)
+    metrics: tuple[str, ...] = ()
+    headline: str = "top1"
+    groups: dict[str, Grouping] = field(default_factory=dict)
 
 
 EvalBuilder = Callable[[Path | None, Path | None, Transform], EvalSet]

@@ -35,6 +35,7 @@ __all__ = [
     "Sample",
     "list_class_dirs",
     "list_images",
+    "ImageListDataset",
     "ImageFolderDataset",
     "IndexedSubset",
     "collate_skip_bad",
@@ -76,20 +77,15 @@ def list_images(folder: str | os.PathLike[str], extensions: Iterable[str] = IMAG
     return found
 
 
-class ImageFolderDataset(Dataset):
-    """Images in ``root/<class>/...`` with labels given by an explicit class list.
+class ImageListDataset(Dataset):
+    """Images given as an explicit ``[(path, label)]`` list (releases that list their files in CSVs).
 
     Args:
-        root: Folder holding one sub-folder per class.
-        classes: Class folder names in label order (label ``i`` is ``classes[i]``).
+        samples: ``(path, label)`` pairs, in item order.
+        classes: Class names in label order (label ``i`` is ``classes[i]``).
         transform: Maps an RGB PIL image to a tensor ``[3, H, W]`` in ``[0, 1]``.
-        extensions: File name endings (case-insensitive) counted as images.
-        allow_missing: Accept class folders that do not exist (they contribute no images);
-            otherwise a missing folder raises :class:`DataError`.
-        crop_border: Pixels cut from every side of the image before ``transform``
-            (ObjectNet's 2-px red border).
-        jpeg_draft: Let PIL decode JPEGs at a reduced scale that still covers
-            ``draft_size``; faster, but pixels differ slightly from a full decode.
+        crop_border: Pixels cut from every side of the image before ``transform``.
+        jpeg_draft: Let PIL decode JPEGs at a reduced scale that still covers ``draft_size``.
         draft_size: Smallest side the draft decode must keep, in pixels.
 
     Items are ``(image [3, H, W] float in [0, 1], label, index)``, with ``index`` the item's
@@ -98,43 +94,22 @@ class ImageFolderDataset(Dataset):
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        samples: Sequence[tuple[str, int]],
         classes: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor],
         *,
-        extensions: Iterable[str] = IMAGE_EXTENSIONS,
-        allow_missing: bool = False,
         crop_border: int = 0,
         jpeg_draft: bool = False,
         draft_size: int = 224,
     ) -> None:
-        self.root = Path(root)
         self.classes = list(classes)
         self.transform = transform
         self.crop_border = int(crop_border)
         self.jpeg_draft = jpeg_draft
         self.draft_size = int(draft_size)
-        self.samples = self._scan(tuple(extensions), allow_missing)
+        self.samples = [(str(path), int(label)) for path, label in samples]
         # One byte per file, in shared memory so that worker processes' flags are seen here.
         self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
-
-    def _scan(self, extensions: tuple[str, ...], allow_missing: bool) -> list[tuple[str, int]]:
-        if not self.root.is_dir():
-            raise DataError(f"image folder {self.root} does not exist")
-        if len(set(self.classes)) != len(self.classes):
-            raise DataError(f"class list for {self.root} repeats a class name")
-        samples: list[tuple[str, int]] = []
-        missing = []
-        for label, name in enumerate(self.classes):
-            folder = self.root / name
-            if not folder.is_dir():
-                missing.append(name)
-                continue
-            samples.extend((path, label) for path in list_images(folder, extensions))
-        if missing and not allow_missing:
-            shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-            raise DataError(f"expected class folders missing under {self.root}: {shown}")
-        return samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -171,12 +146,67 @@ class ImageFolderDataset(Dataset):
         """Files found unreadable so far (by this process or its loader workers), sorted."""
         return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()]
 
-    def with_transform(self, transform: Callable[[Image.Image], torch.Tensor]) -> ImageFolderDataset:
+    def with_transform(self, transform: Callable[[Image.Image], torch.Tensor]) -> ImageListDataset:
         """A copy that shares the file list and bad-file flags but uses ``transform``."""
         clone = copy.copy(self)
         clone.transform = transform
         return clone
 
+
+class ImageFolderDataset(ImageListDataset):
+    """Images in ``root/<class>/...`` with labels given by an explicit class list.
+
+    Args:
+        root: Folder holding one sub-folder per class.
+        classes: Class folder names in label order (label ``i`` is ``classes[i]``).
+        transform: Maps an RGB PIL image to a tensor ``[3, H, W]`` in ``[0, 1]``.
+        extensions: File name endings (case-insensitive) counted as images.
+        allow_missing: Accept class folders that do not exist (they contribute no images);
+            otherwise a missing folder raises :class:`DataError`.
+        crop_border: Pixels cut from every side of the image before ``transform``
+            (ObjectNet's 2-px red border).
+        jpeg_draft: Let PIL decode JPEGs at a reduced scale that still covers
+            ``draft_size``; faster, but pixels differ slightly from a full decode.
+        draft_size: Smallest side the draft decode must keep, in pixels.
+
+    Items are ``(image [3, H, W] float in [0, 1], label, index)``, with ``index`` the item's
+    position in this dataset, or ``None`` for an unreadable file (see :func:`collate_skip_bad`).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        classes: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        allow_missing: bool = False,
+        crop_border: int = 0,
+        jpeg_draft: bool = False,
+        draft_size: int = 224,
+    ) -> None:
+        self.root = Path(root)
+        self.classes = list(classes)
+        super().__init__(self._scan(tuple(extensions), allow_missing), classes, transform,
+                         crop_border=crop_border, jpeg_draft=jpeg_draft, draft_size=draft_size)
+
+    def _scan(self, extensions: tuple[str, ...], allow_missing: bool) -> list[tuple[str, int]]:
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        if len(set(self.classes)) != len(self.classes):
+            raise DataError(f"class list for {self.root} repeats a class name")
+        samples: list[tuple[str, int]] = []
+        missing = []
+        for label, name in enumerate(self.classes):
+            folder = self.root / name
+            if not folder.is_dir():
+                missing.append(name)
+                continue
+            samples.extend((path, label) for path in list_images(folder, extensions))
+        if missing and not allow_missing:
+            shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            raise DataError(f"expected class folders missing under {self.root}: {shown}")
+        return samples
 
 class IndexedSubset(Dataset):
     """The items ``indices`` of ``dataset``, re-indexed ``0..len(indices)-1``.
@@ -185,7 +215,7 @@ class IndexedSubset(Dataset):
     the subset, so ``index`` always counts ``0..len(self)-1`` for whatever is iterated.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, indices: Sequence[int]) -> None:
+    def __init__(self, dataset: ImageListDataset, indices: Sequence[int]) -> None:
         self.dataset = dataset
         self.indices = list(indices)
 

@@ -44,6 +44,7 @@ __all__ = [
     "check_layout",
     "format_layout_table",
     "describe_layouts",
+    "RELEASE_CHECKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,24 @@ def _note_imagenet_train(report: LayoutReport, dataset_dir: Path) -> None:
         report.notes.append(f"train/ found with {len(list_class_dirs(train))} class folders")
     else:
         report.notes.append(f"no train/ at {train} (needed only for fine-tuning on ImageNet)")
+
+
+ReleaseCheck = Callable[[Path | None, Path | None], LayoutReport]
+"""Inspects one release under a data root (or at its path override); never raises for a bad tree."""
+
+RELEASE_CHECKS: Registry[ReleaseCheck] = Registry("dataset release", DataError)
+"""What ``robustft datasets check`` inspects: one check per release, by release name."""
+
+
+def _folder_check(name: str) -> ReleaseCheck:
+    def check(data_root: Path | None, override: Path | None) -> LayoutReport:
+        return check_layout(name, data_root, override)
+
+    return check
+
+
+for _name in LAYOUTS.names():
+    RELEASE_CHECKS.add(_name, _folder_check(_name))
 
 
 def format_layout_table(reports: Sequence[LayoutReport]) -> str:

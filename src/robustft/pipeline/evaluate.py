@@ -11,7 +11,7 @@ import torch
 
 from robustft.config import DataConfig
 from robustft.data.datasets import EVAL_DATASETS, EvalSet, build_eval_set, build_folder_eval_set
-from robustft.data.layouts import check_layout, format_layout_table
+from robustft.data.layouts import RELEASE_CHECKS, format_layout_table
 from robustft.distributed import DistEnv, init_distributed
 from robustft.errors import CheckpointError, ConfigError, DataError, RobustFTError, choices_hint
 from robustft.evaluation.evaluate import evaluate
@@ -333,5 +333,7 @@ def check_datasets(root: str, paths: list[str]) -> str:
     overrides = parse_pairs(paths, "--path")
     if not Path(root).is_dir():
         raise DataError(f"data root {root!r} does not exist; give the folder that holds the dataset releases")
-    reports = [check_layout(name, root, overrides.get(name)) for name in EVAL_DATASETS.names()]
+    base = Path(root).expanduser()
+    reports = [RELEASE_CHECKS.get(name)(base, Path(overrides[name]).expanduser() if name in overrides else None)
+               for name in RELEASE_CHECKS.names()]
     return format_layout_table(reports)
