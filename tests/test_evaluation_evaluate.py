@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from robustft.data.datasets import EvalSet
+from robustft.data.datasets import EvalSet, Grouping
 from robustft.distributed import DistEnv
 from robustft.errors import ConfigError, DataError, ModelError
 from robustft.evaluation.evaluate import EvalResult, evaluate, ood_average
@@ -145,7 +145,7 @@ def test_precision_selects_autocast():
 
 def test_head_that_does_not_fit_the_class_list_is_a_model_error():
     es = EvalSet("d", PredictionDataset([1], [0]), [[9]], None, "p", 10)
-    with pytest.raises(ModelError, match="head has 6 classes"):
+    with pytest.raises(ModelError, match="outputs 6 classes but the dataset expects a head of 10"):
         evaluate(ReadOutClassifier(), [es], dist_env=_env(), batch_size=2, workers=0, progress=False)
 
 
@@ -215,10 +215,15 @@ class _Images(Dataset):
 
 
 def _tiny_setup() -> tuple[nn.Module, list[EvalSet]]:
-    """Deterministic classifier and two evaluation sets (built alike in every process)."""
+    """Deterministic classifier and three evaluation sets (built alike in every process)."""
+    regions = Grouping("region", ["a", "b", "Other"], [i % 3 for i in range(13)], excluded=("Other",))
+    years = Grouping("year", ["2016", "2017"], [i % 2 if i != 4 else -1 for i in range(13)])
     sets = [EvalSet("full", _Images(), [[0], [1], [2], [3]], None, "all", NUM_CLASSES),
             EvalSet("objectnet-like", _Images(), [[1], [2, 5], [4], [0, 3]], [1, 2, 3, 4, 5],
-                    "multi-label subset", NUM_CLASSES)]
+                    "multi-label subset", NUM_CLASSES),
+            EvalSet("wilds-like", _Images(), [[0], [1], [2], [3]], None, "groups", NUM_CLASSES,
+                    metrics=("macro_f1", "worst_region", "worst_year"), headline="worst_region",
+                    groups={"region": regions, "year": years})]
     return _TinyConvNet(), sets
 
 
@@ -252,8 +257,15 @@ def test_two_gloo_processes_equal_one(tmp_path):
     mp.spawn(_dist_worker, args=(2, port, str(out)), nprocs=2, join=True)
     classifier, sets = _tiny_setup()
     single = evaluate(classifier, sets, dist_env=_env(), batch_size=3, workers=0, progress=False)
-    assert [EvalResult(**r) for r in json.loads(out.read_text())] == single
-    assert [(r.n, r.n_bad) for r in single] == [(12, 1), (12, 1)]
+    two = [EvalResult(**r) for r in json.loads(out.read_text())]
+    # Counts are exact; ECE and NLL are float64 sums whose order depends on the sharding.
+    for a, b in zip(two, single, strict=True):
+        assert a.metrics.keys() == b.metrics.keys()
+        assert a.metrics == pytest.approx(b.metrics, rel=1e-12, abs=1e-12)
+        assert (a.top1, a.top5, a.n, a.n_bad, a.groups, a.reliability["count"]) == (
+            b.top1, b.top5, b.n, b.n_bad, b.groups, b.reliability["count"])
+    assert [(r.n, r.n_bad) for r in single] == [(12, 1), (12, 1), (12, 1)]
+    assert "nll" not in single[1].metrics and {"macro_f1", "worst_region", "worst_year"} <= set(single[2].metrics)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Evaluate a classifier on a list of evaluation sets (ImageNet, its shifts, user folders).
 
 Each set is read through a non-padded sharded loader (every image is scored by exactly
-one process), scored with its own protocol (class subset, multi-label sets; see
-:mod:`robustft.evaluation.metrics`), and the counts are summed over processes, so one
-process and N processes give the same numbers. Accuracies are in percent.
+one process), scored with its own protocol (class subset, multi-label sets, the metrics the
+set's benchmark reports; see :mod:`robustft.evaluation.metrics`), and the sums are reduced
+over processes, so one process and N processes give the same numbers (integer counts
+exactly, float64 sums to rounding). Accuracies are in percent, ECE a fraction, NLL in nats.
 
 Unreadable images are skipped and counted (``EvalResult.n_bad``); their paths are gathered
 from every process, listed in ``bad_images_file`` when one is given, and above
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from robustft.data.folder import check_bad_fraction, record_bad_paths
 from robustft.data.loaders import make_eval_loader
 from robustft.errors import ConfigError, DataError, choices_hint
-from robustft.evaluation.metrics import AccuracyMeter, Scorer
+from robustft.evaluation.metrics import ECE_BINS, Scorer, SetMeter
 
 if TYPE_CHECKING:
     from robustft.data.datasets import EvalSet
@@ -51,6 +52,12 @@ class EvalResult:
         n: Number of images scored, over all processes.
         n_bad: Number of unreadable images skipped (not counted in ``n``).
         protocol: How the set is scored, e.g. ``"200-class subset"`` (from the EvalSet).
+        metrics: Every metric measured on the set (``top1``, ``top5``, ``ece``; ``nll`` on
+            single-label sets; ``macro_f1``, ``worst_region``, ... where the protocol reports them).
+        headline: The metric the literature reports for the set (a key of ``metrics``).
+        groups: Group kind -> group name -> top-1 in percent (FMoW's regions and years).
+        reliability: Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the ECE's bins.
+        ece_bins: Number of equal-width confidence bins of ``metrics["ece"]``.
     """
 
     dataset: str
@@ -59,6 +66,11 @@ class EvalResult:
     n: int
     n_bad: int
     protocol: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    headline: str = "top1"
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    reliability: dict[str, list[float]] | None = None
+    ece_bins: int = ECE_BINS
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -79,38 +91,32 @@ def _shard_size(loader: Iterable[Any]) -> int | None:
         return None
 
 
-def _make_scorer(eval_set: EvalSet, num_classes: int, device: torch.device) -> Scorer:
-    return Scorer(eval_set.label_sets, num_classes, eval_set.class_indices, (1, 5), device)
+def _make_meter(eval_set: EvalSet, num_classes: int, ece_bins: int, device: torch.device) -> SetMeter:
+    scorer = Scorer(eval_set.label_sets, num_classes, eval_set.class_indices, (1, 5), device)
+    groups = {kind: (g.names, g.ids, g.excluded) for kind, g in eval_set.groups.items()}
+    return SetMeter(scorer, metrics=eval_set.metrics, groups=groups, ece_bins=ece_bins, device=device)
 
 
 def _accumulate(
     classifier: nn.Module,
     loader: Iterable[dict[str, Any]],
-    eval_set: EvalSet,
-    meter: AccuracyMeter,
+    meter: SetMeter,
     autocast: contextlib.AbstractContextManager[Any],
     bar: tqdm,
     device: torch.device,
 ) -> None:
     """Score every batch of this process's shard into ``meter``."""
-    # Build the scorer before reading data when the head size is known, so a class list
-    # that does not fit the head fails on every rank at once (not only on ranks with data).
-    num_classes = getattr(classifier, "num_classes", None)
-    scorer = _make_scorer(eval_set, num_classes, device) if isinstance(num_classes, int) else None
-    no_counts = torch.zeros(2, dtype=torch.long, device=device)
     for batch in loader:
         images, n_bad = batch["image"], int(batch["n_bad"])
         if images.shape[0] == 0:  # every image of the batch was unreadable
-            meter.update(no_counts, 0, n_bad)
+            meter.update(torch.zeros(0, meter.scorer.num_classes, device=device), batch["label"], None, n_bad)
             bar.update(n_bad)
             continue
         images = images.to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast:
             logits = classifier(images)
-        if scorer is None:
-            scorer = _make_scorer(eval_set, logits.shape[1], device)
-        meter.update(scorer(logits, labels), images.shape[0], n_bad)
+        meter.update(logits, labels, batch["index"].to(device, non_blocking=True), n_bad)
         bar.update(images.shape[0] + n_bad)
 
 
@@ -126,6 +132,7 @@ def evaluate_set(
     max_bad_fraction: float | None = None,
     bad_images_file: str | Path | None = None,
     bad_fraction_setting: str | None = None,
+    ece_bins: int = ECE_BINS,
 ) -> EvalResult:
     """Evaluate on one set; see :func:`evaluate` (which sets eval and inference mode)."""
     device = torch.device(dist_env.device)
@@ -133,12 +140,17 @@ def evaluate_set(
     loader = make_eval_loader(
         eval_set.dataset, batch_size=batch_size, workers=workers, rank=dist_env.rank, world_size=dist_env.world_size
     )
-    meter = AccuracyMeter(ks=(1, 5), device=device)
+    # The meter is built before any data is read, from the head's size (every rank alike), so a
+    # class list that does not fit the head fails on every rank at once and the sums match.
+    num_classes = getattr(classifier, "num_classes", None)
+    meter = _make_meter(eval_set, num_classes if isinstance(num_classes, int) else eval_set.num_classes,
+                        ece_bins, device)
     show = progress and dist_env.is_primary
     with tqdm(total=_shard_size(loader), desc=f"eval {eval_set.name}", unit="img", disable=not show,
               dynamic_ncols=True) as bar:
-        _accumulate(classifier, loader, eval_set, meter, autocast, bar, device)
-    acc = meter.accuracies(dist_env)
+        _accumulate(classifier, loader, meter, autocast, bar, device)
+    found = meter.result(dist_env)
+    acc = {"n": found.n, "n_bad": found.n_bad}
     if acc["n_bad"] and (max_bad_fraction is not None or bad_images_file is not None):
         # Decided on the summed counts, so every rank gathers (and raises) alike.
         mine = [str(p) for p in eval_set.dataset.bad_paths()] if hasattr(eval_set.dataset, "bad_paths") else []
@@ -150,13 +162,16 @@ def evaluate_set(
                                what=eval_set.name, setting=bad_fraction_setting, listing=bad_images_file)
     if acc["n"] == 0:
         raise DataError(f"evaluation set {eval_set.name!r} has no readable images ({acc['n_bad']} unreadable)")
-    result = EvalResult(dataset=eval_set.name, top1=acc["top1"], top5=acc["top5"], n=int(acc["n"]),
-                        n_bad=int(acc["n_bad"]), protocol=eval_set.protocol)
+    result = EvalResult(dataset=eval_set.name, top1=found.metrics["top1"], top5=found.metrics["top5"], n=found.n,
+                        n_bad=found.n_bad, protocol=eval_set.protocol, metrics=found.metrics,
+                        headline=eval_set.headline, groups=found.groups, reliability=found.reliability,
+                        ece_bins=ece_bins)
     if dist_env.is_primary:
+        others = "".join(f", {k} {v:.2f}" for k, v in found.metrics.items() if k not in ("top1", "top5", "ece", "nll"))
         logger.info(
-            "%s: top-1 %.2f%%, top-5 %.2f%% on %d images (%s)%s",
-            result.dataset, result.top1, result.top5, result.n, result.protocol,
-            f", {result.n_bad} unreadable skipped" if result.n_bad else "",
+            "%s: top-1 %.2f%%, top-5 %.2f%%%s, ECE %.4f on %d images (%s)%s",
+            result.dataset, result.top1, result.top5, others, found.metrics.get("ece", float("nan")), result.n,
+            result.protocol, f", {result.n_bad} unreadable skipped" if result.n_bad else "",
         )
     return result
 
@@ -173,6 +188,7 @@ def evaluate(
     max_bad_fraction: float | None = None,
     bad_images_file: str | Path | None = None,
     bad_fraction_setting: str | None = None,
+    ece_bins: int = ECE_BINS,
 ) -> list[EvalResult]:
     """Top-1 and top-5 accuracy of ``classifier`` on each evaluation set.
 
@@ -196,6 +212,8 @@ def evaluate(
             image (one path per line, merged with the paths already there); None: none.
         bad_fraction_setting: Where the user sets the limit (``--max-bad-fraction``), named
             in the error message.
+        ece_bins: Equal-width confidence bins of the expected calibration error (15; CaRot's
+            and TRACER's tables use 10).
 
     Returns:
         One :class:`EvalResult` per set, in the order of ``eval_sets``.
@@ -206,6 +224,8 @@ def evaluate(
         ModelError: The classifier's head does not fit a set's class list.
     """
     _autocast(precision, torch.device(dist_env.device))  # fail before reading any data
+    if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
+        raise ConfigError(f"ECE bins {ece_bins!r} must be a positive integer (15 by default; CaRot's tables use 10)")
     was_training = classifier.training
     classifier.eval()
     try:
@@ -215,7 +235,7 @@ def evaluate(
                     classifier, eval_set, dist_env=dist_env, batch_size=batch_size,
                     workers=workers, precision=precision, progress=progress,
                     max_bad_fraction=max_bad_fraction, bad_images_file=bad_images_file,
-                    bad_fraction_setting=bad_fraction_setting,
+                    bad_fraction_setting=bad_fraction_setting, ece_bins=ece_bins,
                 )
                 for eval_set in eval_sets
             ]
