@@ -64,6 +64,18 @@ def _add_max_bad(p: argparse.ArgumentParser) -> None:
                         "data.max_bad_fraction, else 0.001); they are listed in OUT's NAME.bad_images.txt")
 
 
+def _add_ece_bins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ece-bins", type=int, default=15, metavar="N",
+                   help="equal-width confidence bins of the expected calibration error (default 15; CaRot's "
+                        "and TRACER's tables use 10)")
+
+
+def _suite_help() -> str:
+    from robustft.data.suites import SUITES
+
+    return "a benchmark's sets: " + ", ".join(SUITES.names())
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run on ImageNet and its shifts or on named datasets")
     p.add_argument("--run", required=True, help="run folder holding a classifier")
@@ -71,7 +83,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="a WiSE-FT run's classifier interpolated at A (RUN/wise/alpha_A) instead of RUN's fine-tuned one")
     p.add_argument("--data-root", default=None, help="folder holding the dataset releases")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--suite", default=None, help="'imagenet-shifts' (ImageNet + its five shifts)")
+    g.add_argument("--suite", default=None, help=_suite_help())
     g.add_argument("--dataset", default=None, help="comma-separated dataset names or NAME=FOLDER pairs")
     p.add_argument("--path", action="append", default=[], metavar="NAME=FOLDER", help="per-dataset path override")
     p.add_argument("--out", required=True, help="results JSONL file to append to")
@@ -80,6 +92,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_max_bad(p)
+    _add_ece_bins(p)
 
 
 def _add_wise(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +102,7 @@ def _add_wise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a comma list, each in [0, 1]")
     p.add_argument("--data-root", default=None)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--suite", default=None)
+    g.add_argument("--suite", default=None, help=_suite_help())
     g.add_argument("--dataset", default=None)
     p.add_argument("--path", action="append", default=[], metavar="NAME=FOLDER")
     p.add_argument("--out", required=True, help="results JSONL file to append to")
@@ -99,6 +112,7 @@ def _add_wise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_max_bad(p)
+    _add_ece_bins(p)
 
 
 def _add_soup(sub: argparse._SubParsersAction) -> None:

@@ -103,7 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     _out(run_eval(
         run=args.run, alpha=args.alpha, data_root=args.data_root, suite=args.suite, datasets=args.dataset,
         paths=args.path, out=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction,
+        progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction, ece_bins=args.ece_bins,
     ))
     return 0
 
@@ -115,7 +115,7 @@ def _wise(args: argparse.Namespace) -> int:
         zeroshot=args.zeroshot, finetuned=args.finetuned, alphas=args.alphas, data_root=args.data_root,
         suite=args.suite, datasets=args.dataset, paths=args.path, out=args.out, save=args.save,
         batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.no_progress,
-        max_bad_fraction=args.max_bad_fraction,
+        max_bad_fraction=args.max_bad_fraction, ece_bins=args.ece_bins,
     ))
     return 0
 

@@ -12,6 +12,7 @@ import torch
 from robustft.config import DataConfig
 from robustft.data.datasets import EVAL_DATASETS, EvalSet, build_eval_set, build_folder_eval_set
 from robustft.data.layouts import RELEASE_CHECKS, format_layout_table
+from robustft.data.suites import SUITES
 from robustft.distributed import DistEnv, init_distributed
 from robustft.errors import CheckpointError, ConfigError, DataError, RobustFTError, choices_hint
 from robustft.evaluation.evaluate import evaluate
@@ -22,7 +23,6 @@ from robustft.methods.wise_ft import TextEnds, WiseClassifiers
 from robustft.model import ImageClassifier, load_classifier, load_clip, save_classifier
 from robustft.model.text import TEXT_TOWER_FILE, TextTower, load_text_tower_into, save_text_tower
 from robustft.ops.weights import parse_alphas
-from robustft.pipeline.data import IMAGENET_SUITE
 from robustft.pipeline.runs import classifier_folder, git_sha, run_label, run_of_classifier
 from robustft.reports.plots import write_report
 from robustft.reports.results import ResultRow, append_rows, read_rows, rows_from_results
@@ -32,9 +32,6 @@ __all__ = ["SUITES", "run_eval", "run_wise", "run_report", "check_datasets", "re
            "bad_images_file_for"]
 
 logger = logging.getLogger(__name__)
-
-SUITES = {"imagenet-shifts": IMAGENET_SUITE}
-
 
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
     """``["a=/x", "b=/y"]`` -> ``{"a": "/x", "b": "/y"}``; a clear error for a malformed item."""
@@ -49,15 +46,13 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _requested(suite: str | None, datasets: str | None, meta: dict[str, Any]) -> list[str]:
     if suite is not None:
-        if suite not in SUITES:
-            raise ConfigError(f"unknown suite {suite!r}; {choices_hint(suite, SUITES)}")
-        return list(SUITES[suite])
+        return list(SUITES.get(suite).sets)
     if datasets:
         return [d.strip() for d in datasets.split(",") if d.strip()]
     planned = meta.get("extra", {}).get("test_sets")
     if planned:
         return list(planned)
-    raise ConfigError("say what to evaluate: --suite imagenet-shifts or --dataset NAME[,NAME] "
+    raise ConfigError(f"say what to evaluate: --suite {'|'.join(SUITES.names())} or --dataset NAME[,NAME] "
                       f"(registered: {', '.join(EVAL_DATASETS.names())}; or NAME=FOLDER for your own folder)")
 
 
@@ -113,7 +108,7 @@ def _run_name(folder: Path, meta: dict[str, Any]) -> str:
 
 
 def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | None = None,
-          alpha: float | None = None, config: dict[str, Any] | None = None) -> list[ResultRow]:
+          alpha: float | None = None, config: dict[str, Any] | None = None, suite: str | None = None) -> list[ResultRow]:
     extra = meta.get("extra", {})
     cfg = config if config is not None else extra.get("config")
     seed = cfg.get("seed") if isinstance(cfg, dict) else None
@@ -123,6 +118,8 @@ def _rows(results: list[Any], meta: dict[str, Any], run: str, *, method: str | N
     details = {k: extra[k] for k in ("micro_batch", "processes", "accum_steps") if k in extra}
     if alpha is not None:
         details["wise_endpoint"] = extra.get("endpoint", "unknown")
+    if suite is not None:
+        details["suite"] = suite
     return rows_from_results(results, run=run, method=method or extra.get("method", "unknown"),
                              alpha=alpha, config=cfg, git_sha=git_sha() or "unknown", seed=seed,
                              classnames=meta["classnames"], extra=details)
@@ -149,6 +146,15 @@ def _max_bad_fraction(given: float | None, meta: dict[str, Any]) -> float:
     return DataConfig().max_bad_fraction
 
 
+def _check_bins(ece_bins: Any, suite: str | None = None) -> None:
+    """Fail on a bad ``--ece-bins`` or ``--suite`` before any work."""
+    if suite is not None:
+        SUITES.get(suite)
+    if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
+        raise ConfigError(f"--ece-bins {ece_bins!r} must be a positive integer (15 by default; CaRot's and TRACER's "
+                          "tables use 10)")
+
+
 def _bad_note(bad_file: Path, rows: list[ResultRow]) -> str:
     if not any(r.n_bad for r in rows) or not bad_file.is_file():
         return ""
@@ -161,7 +167,8 @@ def _table(rows: list[ResultRow]) -> str:
 
 def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],
              out: str, batch_size: int = 256, workers: int | None = None, device: str = "auto",
-             alpha: float | None = None, progress: bool = True, max_bad_fraction: float | None = None) -> str:
+             alpha: float | None = None, progress: bool = True, max_bad_fraction: float | None = None,
+             ece_bins: int = 15) -> str:
     """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``.
 
     ``alpha`` picks one of a WiSE-FT run's interpolated classifiers (``RUN/wise/alpha_X.XX``)
@@ -169,10 +176,11 @@ def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: st
 
     More than ``max_bad_fraction`` unreadable images in a set (default: the run's
     ``data.max_bad_fraction``) stops with a DataError; every unreadable image is listed in
-    :func:`bad_images_file_for` ``(out)``.
+    :func:`bad_images_file_for` ``(out)``. ``ece_bins`` sets the calibration error's bins.
     """
     overrides = parse_pairs(paths, "--path")
     _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
+    _check_bins(ece_bins, suite)
     bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:
@@ -183,8 +191,8 @@ def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: st
                                  image_size=classifier.preprocess.image_size)
         results = evaluate(classifier, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress,
                            max_bad_fraction=_max_bad_fraction(max_bad_fraction, meta), bad_images_file=bad_file,
-                           bad_fraction_setting="--max-bad-fraction")
-        rows = _rows(results, meta, _run_name(folder, meta))
+                           bad_fraction_setting="--max-bad-fraction", ece_bins=ece_bins)
+        rows = _rows(results, meta, _run_name(folder, meta), suite=suite)
         if dist.is_primary:
             append_rows(out, rows)
         return f"{_table(rows)}\nresults appended to {out}{_bad_note(bad_file, rows)}"
@@ -200,7 +208,7 @@ def _wise_method(meta: dict[str, Any]) -> str:
 def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | None, suite: str | None,
              datasets: str | None, paths: list[str], out: str, save: str | None = None, batch_size: int = 256,
              workers: int | None = None, device: str = "auto", progress: bool = True,
-             max_bad_fraction: float | None = None) -> str:
+             max_bad_fraction: float | None = None, ece_bins: int = 15) -> str:
     """Interpolate a zero-shot and a fine-tuned run at each alpha; evaluate each; keep the curve.
 
     Unreadable images are handled as in :func:`run_eval` (the default limit is the
@@ -209,6 +217,7 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
     alpha_list = parse_alphas(alphas)
     overrides = parse_pairs(paths, "--path")
     _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
+    _check_bins(ece_bins, suite)
     bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:
@@ -226,7 +235,8 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
 
         def eval_fn(model: ImageClassifier) -> list[Any]:
             return evaluate(model, sets, dist_env=dist, batch_size=batch_size, workers=workers, progress=progress,
-                            max_bad_fraction=limit, bad_images_file=bad_file, bad_fraction_setting="--max-bad-fraction")
+                            max_bad_fraction=limit, bad_images_file=bad_file, bad_fraction_setting="--max-bad-fraction",
+                            ece_bins=ece_bins)
 
         text = _text_ends(zeroshot, zs, finetuned, ft_meta, dist.device)
         if text is None:
@@ -236,7 +246,7 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
             curve = [(alpha, eval_fn(mixes[alpha])) for alpha in alpha_list]
         rows: list[ResultRow] = []
         for alpha, results in curve:
-            rows += _rows(results, ft_meta, f"{run}@{alpha:.2f}", method=method, alpha=alpha)
+            rows += _rows(results, ft_meta, f"{run}@{alpha:.2f}", method=method, alpha=alpha, suite=suite)
         if dist.is_primary:
             append_rows(out, rows)
             if save:
