@@ -164,6 +164,7 @@ class EvalConfig:
 
     enabled: bool = True
     top5: bool = True
+    ece_bins: int = _ranged(15, 1)  # equal-width confidence bins of the calibration error (CaRot/TRACER: 10)
 
 
 @dataclass

@@ -106,7 +106,7 @@ def _check_vit(cfg: RunConfig, bundle: ClipBundle) -> None:
                          "masking (ft, fd, kd)")
 
 
-def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
+def _settings(cfg: RunConfig, stage: str, n_stages: int, select_metric: str = "top1") -> TrainSettings:
     o, m = cfg.optim, cfg.method
     probe = METHODS.get(stage).probe
     epochs = m.lp_epochs if probe and n_stages > 1 else o.epochs
@@ -117,7 +117,7 @@ def _settings(cfg: RunConfig, stage: str, n_stages: int) -> TrainSettings:
         warmup_frac=o.warmup, warmup_steps=o.warmup_steps, clip_grad_norm=o.clip_grad_norm,
         accum_steps=o.accum_steps, precision=o.precision,
         checkpoint_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep, seed=cfg.seed,
-        max_bad_fraction=cfg.data.max_bad_fraction,
+        max_bad_fraction=cfg.data.max_bad_fraction, select_metric=select_metric,
     )
 
 
@@ -144,7 +144,7 @@ def _holdout_fn(student: ImageClassifier, holdout: EvalSet | None, cfg: RunConfi
                           workers=cfg.data.workers, precision=cfg.optim.precision, progress=False,
                           max_bad_fraction=cfg.data.max_bad_fraction, bad_images_file=bad_file,
                           bad_fraction_setting="data.max_bad_fraction")
-        return {"top1": res.top1}
+        return dict(res.metrics)  # the best epoch is chosen on the set's headline metric (macro-F1 on iWildCam)
 
     return evaluate_holdout
 
@@ -240,17 +240,18 @@ def _train_stages(cfg: RunConfig, models: _Models, data: RunData, run_dir: Path,
             continue
         loader = _train_loader(cfg, method, data, micro, dist)
         logger.info("stage %d/%d: %s", i + 1, len(stages), stage)
-        result = fit(method, loader, _settings(cfg, stage, len(stages)), run_dir=stage_dir, dist_env=dist,
+        select = data.holdout.headline if data.holdout is not None else "top1"
+        result = fit(method, loader, _settings(cfg, stage, len(stages), select), run_dir=stage_dir, dist_env=dist,
                      resume=resume, evaluate=_holdout_fn(models.student, data.holdout, cfg, dist,
                                                          run_dir / BAD_IMAGES_FILE, before=method.sync_head),
                      progress=progress, config=config_to_dict(cfg), bad_images_file=run_dir / BAD_IMAGES_FILE)
         best = load_best(stage_dir)
         if best is not None and data.holdout is not None and _endpoint(cfg, last_stage=i == len(stages) - 1) == "best":
             load_module_state(method.trainable_module(), best[0], source=str(stage_dir / "best"))
-            logger.info("kept the best epoch of stage %s (held-out top-1 %.2f%%)", stage, result.best_metric)
+            logger.info("kept the best epoch of stage %s (held-out %s %.2f)", stage, select, result.best_metric)
         elif best is not None and data.holdout is not None:
             logger.info("kept the last weights of stage %s for WiSE-FT (method.wise_endpoint=last); the best "
-                        "epoch (held-out top-1 %.2f%%) stays in %s", stage, result.best_metric, stage_dir / "best")
+                        "epoch (held-out %s %.2f) stays in %s", stage, select, result.best_metric, stage_dir / "best")
         # Every rank read best/ itself; make sure they all go on with rank 0's weights.
         dist.broadcast_module(method.trainable_module())
         method.sync_head()  # a head rebuilt from a trained text tower follows the kept weights
@@ -333,7 +334,7 @@ def _save_and_evaluate(cfg: RunConfig, top: Any, models: _Models, data: RunData,
         results = evaluate(classifier, test_sets, dist_env=dist, batch_size=cfg.data.eval_batch_size,
                            workers=cfg.data.workers, precision=cfg.optim.precision, progress=progress,
                            max_bad_fraction=cfg.data.max_bad_fraction, bad_images_file=run_dir / BAD_IMAGES_FILE,
-                           bad_fraction_setting="data.max_bad_fraction")
+                           bad_fraction_setting="data.max_bad_fraction", ece_bins=cfg.eval.ece_bins)
         rows += rows_from_results(results, run=label if alpha is None else f"{label}@{alpha:.2f}",
                                   method=cfg.method.name, alpha=alpha, config=config_to_dict(cfg),
                                   git_sha=git_sha() or "unknown", seed=cfg.seed, classnames=data.classnames,
