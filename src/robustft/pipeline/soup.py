@@ -330,7 +330,7 @@ def run_soup(*, runs: list[str], out: str, greedy: bool = False, batch_size: int
             def score(model: Any) -> float:
                 (res,) = evaluate(model, [holdout], dist_env=dist, batch_size=batch_size, workers=workers,
                                   progress=progress, max_bad_fraction=cfg.data.max_bad_fraction)
-                return res.top1
+                return res.metrics.get(res.headline, res.top1)  # the split's headline metric (top-1 for most)
 
             result = greedy_soup(template, names, load, score)
         else:
