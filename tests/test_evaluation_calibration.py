@@ -139,3 +139,32 @@ def test_evaluate_rejects_bad_bins_before_reading(tmp_path):
     with pytest.raises(ConfigError, match="ECE bins -3"):
         evaluate(torch.nn.Identity(), [], dist_env=DistEnv(0, 1, torch.device("cpu")), batch_size=2, ece_bins=-3)
     assert math.isfinite(expected_calibration_error([1], [0.5], [1]))
+
+
+def test_rows_keep_what_the_evaluation_measured(tmp_path):
+    from torch.utils.data import Dataset
+
+    from robustft.data.datasets import EvalSet
+    from robustft.distributed import DistEnv
+    from robustft.evaluation.evaluate import evaluate
+    from robustft.reports.results import append_rows, read_rows, rows_from_results
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 9
+
+        def __getitem__(self, i: int):
+            return torch.full((3, 4, 4), i / 9), i % 3, i
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x.mean(dim=(1, 2, 3)) * k for k in (1.0, 2.0, 3.0)], dim=1)
+
+    es = EvalSet("d", Images(), [[0], [1], [2]], None, "all 3 classes", 3)
+    (result,) = evaluate(Net(), [es], dist_env=DistEnv(0, 1, torch.device("cpu")), batch_size=4, progress=False,
+                         ece_bins=10)
+    append_rows(tmp_path / "r.jsonl", rows_from_results([result], run="r", method="ft"))
+    (row,) = read_rows([tmp_path / "r.jsonl"])
+    assert row.extra["metrics"] == pytest.approx(result.metrics) and {"ece", "nll", "top1"} <= set(row.extra["metrics"])
+    assert row.extra["headline"] == "top1" and row.extra["ece_bins"] == 10
+    assert sum(row.extra["reliability"]["count"]) == 9 == row.n

@@ -1,5 +1,8 @@
 """Evaluation suites: the in-distribution set, the shift sets and the metric each benchmark reports.
 
+Only suites whose sets are all registered are listed (``imagenet-shifts`` today; the WILDS and
+DomainNet suites join with their loaders).
+
 A suite names what one benchmark table of the literature holds: the ID test set, the
 distribution-shift sets whose headline metric is averaged into "OOD avg", and further sets
 that are evaluated and listed but not averaged (WILDS' validation splits). The headline
@@ -48,20 +51,6 @@ SUITES.add("imagenet-shifts", Suite(
     "imagenet-shifts", "imagenet",
     ("imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a"),
     description="ImageNet and its five shifts (top-1)"))
-SUITES.add("wilds-iwildcam", Suite(
-    "wilds-iwildcam", "iwildcam-id_test", ("iwildcam-test",), ("iwildcam-id_val", "iwildcam-val"),
-    description="WILDS iWildCam v2.0: ID and OOD test macro-F1 (the papers' columns), validation splits listed"))
-SUITES.add("wilds-fmow", Suite(
-    "wilds-fmow", "fmow-id_test", ("fmow-test",), ("fmow-id_val", "fmow-val"),
-    description="WILDS FMoW v1.1: ID test accuracy and OOD test worst-region accuracy, validation splits listed"))
-SUITES.add("domainnet", Suite(
-    "domainnet", "domainnet-real", ("domainnet-clipart", "domainnet-infograph", "domainnet-painting",
-                                    "domainnet-sketch"),
-    description="DomainNet trained on real: real test (ID), clipart, infograph, painting, sketch test (top-1)"))
-SUITES.add("domainnet-all", Suite(
-    "domainnet-all", "domainnet-real", ("domainnet-clipart", "domainnet-infograph", "domainnet-painting",
-                                        "domainnet-quickdraw", "domainnet-sketch"),
-    description="DomainNet trained on real, all five other domains (quickdraw included) (top-1)"))
 
 
 def suite_of(datasets: set[str] | list[str] | tuple[str, ...]) -> Suite | None:

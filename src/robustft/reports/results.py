@@ -208,10 +208,24 @@ def rows_from_results(
             run=run, method=method, alpha=alpha, dataset=r.dataset, top1=r.top1, top5=r.top5,
             n=r.n, n_bad=r.n_bad, protocol=r.protocol,
             config_hash=config_hash(config) if config is not None else "",
-            git_sha=git_sha, seed=seed, time=stamp, extra=dict(details),
+            git_sha=git_sha, seed=seed, time=stamp, extra={**details, **_measured(r)},
         )
         for r in results
     ]
+
+
+def _measured(result: EvalResult) -> dict[str, Any]:
+    """What an evaluation measured beyond top-1/top-5: ``metrics`` (ECE, NLL, macro-F1, worst-group),
+    ``headline``, ``ece_bins``, ``groups`` and the ``reliability`` bins (only the fields a result has)."""
+    metrics = getattr(result, "metrics", None)
+    if not metrics:
+        return {}
+    out: dict[str, Any] = {"metrics": dict(metrics), "headline": result.headline, "ece_bins": result.ece_bins}
+    if result.groups:
+        out["groups"] = {kind: dict(values) for kind, values in result.groups.items()}
+    if result.reliability is not None:
+        out["reliability"] = {key: list(values) for key, values in result.reliability.items()}
+    return out
 
 
 def append_rows(path: PathLike, rows: Iterable[ResultRow]) -> None:
