@@ -56,6 +56,6 @@ SUITES.add("imagenet-shifts", Suite(
 def suite_of(datasets: set[str] | list[str] | tuple[str, ...]) -> Suite | None:
     """The registered suite whose ID set and shift sets are all among ``datasets`` (the largest such), if any."""
     present = set(datasets)
-    fits = [SUITES.get(n) for n in SUITES.names()
-            if SUITES.get(n).id in present and set(SUITES.get(n).shifts) <= present]
+    suites = (SUITES.get(name) for name in SUITES.names())
+    fits = [s for s in suites if s.id in present and set(s.shifts) <= present]
     return max(fits, key=lambda s: len(s.shifts), default=None)

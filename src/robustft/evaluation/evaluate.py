@@ -28,7 +28,7 @@ from tqdm import tqdm
 from robustft.data.folder import check_bad_fraction, record_bad_paths
 from robustft.data.loaders import make_eval_loader
 from robustft.errors import ConfigError, DataError, choices_hint
-from robustft.evaluation.metrics import ECE_BINS, Scorer, SetMeter
+from robustft.evaluation.metrics import ECE_BINS, Scorer, SetMeter, check_ece_bins
 
 if TYPE_CHECKING:
     from robustft.data.datasets import EvalSet
@@ -109,7 +109,7 @@ def _accumulate(
     for batch in loader:
         images, n_bad = batch["image"], int(batch["n_bad"])
         if images.shape[0] == 0:  # every image of the batch was unreadable
-            meter.update(torch.zeros(0, meter.scorer.num_classes, device=device), batch["label"], None, n_bad)
+            meter.count_bad(n_bad)
             bar.update(n_bad)
             continue
         images = images.to(device, non_blocking=True)
@@ -150,18 +150,17 @@ def evaluate_set(
               dynamic_ncols=True) as bar:
         _accumulate(classifier, loader, meter, autocast, bar, device)
     found = meter.result(dist_env)
-    acc = {"n": found.n, "n_bad": found.n_bad}
-    if acc["n_bad"] and (max_bad_fraction is not None or bad_images_file is not None):
+    if found.n_bad and (max_bad_fraction is not None or bad_images_file is not None):
         # Decided on the summed counts, so every rank gathers (and raises) alike.
         mine = [str(p) for p in eval_set.dataset.bad_paths()] if hasattr(eval_set.dataset, "bad_paths") else []
         paths = sorted({p for part in dist_env.all_gather_object(mine) for p in part})
         if bad_images_file is not None and dist_env.is_primary:
             record_bad_paths(bad_images_file, paths)
         if max_bad_fraction is not None:
-            check_bad_fraction(int(acc["n_bad"]), int(acc["n"] + acc["n_bad"]), max_bad_fraction, paths,
+            check_bad_fraction(found.n_bad, found.n + found.n_bad, max_bad_fraction, paths,
                                what=eval_set.name, setting=bad_fraction_setting, listing=bad_images_file)
-    if acc["n"] == 0:
-        raise DataError(f"evaluation set {eval_set.name!r} has no readable images ({acc['n_bad']} unreadable)")
+    if found.n == 0:
+        raise DataError(f"evaluation set {eval_set.name!r} has no readable images ({found.n_bad} unreadable)")
     result = EvalResult(dataset=eval_set.name, top1=found.metrics["top1"], top5=found.metrics["top5"], n=found.n,
                         n_bad=found.n_bad, protocol=eval_set.protocol, metrics=found.metrics,
                         headline=eval_set.headline, groups=found.groups, reliability=found.reliability,
@@ -224,8 +223,7 @@ def evaluate(
         ModelError: The classifier's head does not fit a set's class list.
     """
     _autocast(precision, torch.device(dist_env.device))  # fail before reading any data
-    if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
-        raise ConfigError(f"ECE bins {ece_bins!r} must be a positive integer (15 by default; CaRot's tables use 10)")
+    check_ece_bins(ece_bins)
     was_training = classifier.training
     classifier.eval()
     try:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from robustft.errors import DataError, ModelError
+from robustft.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
     from robustft.distributed import DistEnv
@@ -44,6 +44,7 @@ __all__ = [
     "Scorer",
     "AccuracyMeter",
     "ECE_BINS",
+    "check_ece_bins",
     "calibration_bins",
     "expected_calibration_error",
     "reliability",
@@ -55,6 +56,13 @@ __all__ = [
 
 ECE_BINS = 15
 """Equal-width confidence bins of the ECE by default (CaRot's and TRACER's tables use 10)."""
+
+
+def check_ece_bins(value: object, what: str = "ECE bins", error: type[Exception] = ConfigError) -> int:
+    """``value`` if it is a positive integer number of bins, else ``error`` naming ``what`` and the usual values."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{what} {value!r} must be a positive integer (15 by default; CaRot's and TRACER's tables use 10)")
+    return value
 
 
 def build_correct_matrix(label_sets: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
@@ -157,17 +165,21 @@ class Scorer:
         Returns:
             Long [len(ks)]: correct top-k counts for each k, on the logits' device.
         """
-        if logits.shape[1] != self.num_classes:
-            raise ModelError(
-                f"the model outputs {logits.shape[1]} classes but the dataset expects a head of "
-                f"{self.num_classes}; evaluate with a classifier built on the dataset's class names"
-            )
+        self.check_width(logits)
         # Ties and bf16 rounding: rank in fp32 so top-k does not depend on the autocast dtype
         # of the last layer more than the logits themselves do.
         logits = logits.float()
         sets = self.correct.index_select(0, labels)
         counts = [topk_correct(logits, sets, k, self.class_indices).sum() for k in self.ks]
         return torch.stack(counts)
+
+    def check_width(self, logits: torch.Tensor) -> None:
+        """ModelError unless ``logits`` [B, C] has one column per head class."""
+        if logits.shape[1] != self.num_classes:
+            raise ModelError(
+                f"the model outputs {logits.shape[1]} classes but the dataset expects a head of "
+                f"{self.num_classes}; evaluate with a classifier built on the dataset's class names"
+            )
 
 
 class AccuracyMeter:
@@ -281,7 +293,8 @@ def group_accuracies(correct: torch.Tensor, total: torch.Tensor, names: Sequence
     """Top-1 per group (percent; groups without images left out) and the minimum over the groups not excluded."""
     correct, total = correct.cpu().tolist(), total.cpu().tolist()
     per = {name: 100.0 * c / t for name, c, t in zip(names, correct, total, strict=True) if t}
-    counted = [v for name, v in per.items() if name not in set(excluded)]
+    left_out = set(excluded)
+    counted = [v for name, v in per.items() if name not in left_out]
     return (min(counted) if counted else float("nan")), per
 
 
@@ -321,9 +334,7 @@ class SetMeter:
     def __init__(self, scorer: Scorer, *, metrics: Sequence[str] = (),
                  groups: Mapping[str, tuple[Sequence[str], Sequence[int], Sequence[str]]] | None = None,
                  ece_bins: int = ECE_BINS, device: torch.device | str = "cpu") -> None:
-        if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
-            raise DataError(f"ECE bins {ece_bins!r} must be a positive integer (15 by default; CaRot's tables use 10)")
-        self.scorer, self.ece_bins = scorer, ece_bins
+        self.scorer, self.ece_bins = scorer, check_ece_bins(ece_bins, error=DataError)
         self.metrics = tuple(metrics)
         groups = dict(groups or {})
         self.single_label = bool((scorer.correct.sum(dim=1) == 1).all())
@@ -339,9 +350,11 @@ class SetMeter:
         c = scorer.num_classes
         allowed = scorer.class_indices
         # Position of each head class among the allowed classes (-1: not allowed), for the NLL.
-        self._position = torch.full((c,), -1, dtype=torch.long, device=device)
-        self._position[allowed if allowed is not None else torch.arange(c, device=device)] = torch.arange(
-            allowed.numel() if allowed is not None else c, device=device)
+        if allowed is None:
+            self._position = torch.arange(c, device=device)
+        else:
+            self._position = torch.full((c,), -1, dtype=torch.long, device=device)
+            self._position[allowed] = torch.arange(allowed.numel(), device=device)
         self._true_class = scorer.correct.float().argmax(dim=1)  # the one class of single-label sets
         # Integer sums: [n, n_bad, top-k..., ECE bin counts, ECE bin hits, tp[C], predicted[C], true[C], groups...].
         ks = len(scorer.ks)
@@ -354,20 +367,24 @@ class SetMeter:
                n_bad: int = 0) -> None:
         """Add one batch: ``logits`` [B, C], dataset ``labels`` [B], dataset positions ``index`` [B] (for groups)."""
         counts, sums, ks, bins, c = self._counts, self._sums, self._k, self.ece_bins, self.scorer.num_classes
-        counts[1] += n_bad
+        self.count_bad(n_bad)
         if logits.shape[0] == 0:
             return
-        topk = self.scorer(logits, labels)
-        logits = logits.float()
-        allowed = self.scorer.class_indices
-        sub = logits.index_select(1, allowed) if allowed is not None else logits
+        scorer = self.scorer
+        scorer.check_width(logits)
+        # One ranking serves every top-k, the top-1 of the calibration and the F1 counts (in fp32,
+        # over the allowed classes, as Scorer ranks).
+        allowed = scorer.class_indices
+        sub = logits.float()
+        sub = sub.index_select(1, allowed) if allowed is not None else sub
+        top = sub.topk(min(max(scorer.ks), sub.shape[1]), dim=1).indices
+        ranked = allowed[top] if allowed is not None else top
+        in_set = scorer.correct.index_select(0, labels).gather(1, ranked)  # [B, k]: a correct class at rank j
+        pred, hit = ranked[:, 0], in_set[:, 0]
         log_p = torch.log_softmax(sub, dim=1)
-        conf, arg = log_p.max(dim=1)
-        pred = allowed[arg] if allowed is not None else arg
-        hit = self.scorer.correct.index_select(0, labels).gather(1, pred[:, None]).squeeze(1)
         counts[0] += logits.shape[0]
-        counts[2:2 + ks] += topk
-        count, conf_sum, hits = calibration_bins(conf.exp(), hit, bins)
+        counts[2:2 + ks] += torch.stack([in_set[:, :k].any(dim=1).sum() for k in scorer.ks])
+        count, conf_sum, hits = calibration_bins(log_p.gather(1, top[:, :1]).squeeze(1).exp(), hit, bins)
         at = 2 + ks
         counts[at:at + bins] += count
         counts[at + bins:at + 2 * bins] += hits
@@ -389,6 +406,10 @@ class SetMeter:
                                                          minlength=len(names)).round().long()
             counts[at + len(names):at + 2 * len(names)] += torch.bincount(g[keep], minlength=len(names))
             at += 2 * len(names)
+
+    def count_bad(self, n_bad: int) -> None:
+        """Add ``n_bad`` unreadable images (a batch with none readable needs only this)."""
+        self._counts[1] += n_bad
 
     def result(self, dist_env: DistEnv | None = None) -> SetMetrics:
         """Reduce over processes (every rank must call this) and compute the metrics."""

@@ -30,6 +30,7 @@ from robustft.data.datasets import (
 )
 from robustft.data.folder import IndexedSubset
 from robustft.data.splits import stratified_holdout
+from robustft.data.suites import SUITES
 from robustft.data.synthetic import SHIFTS, WorldConfig, WorldPaths, write_world
 from robustft.data.transforms import build_transform
 from robustft.errors import ConfigError, DataError, choices_hint
@@ -39,7 +40,7 @@ __all__ = ["RunData", "build_run_data", "build_test_sets", "world_paths", "IMAGE
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_SUITE = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a")
+IMAGENET_SUITE = SUITES.get("imagenet-shifts").sets
 """ImageNet (ID) and its five shifts, in the paper's column order."""
 
 TRAIN_KINDS = ("imagenet", "folder", "synthetic")

@@ -16,6 +16,7 @@ from robustft.data.suites import SUITES
 from robustft.distributed import DistEnv, init_distributed
 from robustft.errors import CheckpointError, ConfigError, DataError, RobustFTError, choices_hint
 from robustft.evaluation.evaluate import evaluate
+from robustft.evaluation.metrics import ECE_BINS, check_ece_bins
 from robustft.methods.catalogue import with_weight_step
 from robustft.evaluation.wise import wise_ft_sweep
 from robustft.methods import METHODS, MethodOptions
@@ -146,13 +147,11 @@ def _max_bad_fraction(given: float | None, meta: dict[str, Any]) -> float:
     return DataConfig().max_bad_fraction
 
 
-def _check_bins(ece_bins: Any, suite: str | None = None) -> None:
+def _check_options(ece_bins: Any, suite: str | None) -> None:
     """Fail on a bad ``--ece-bins`` or ``--suite`` before any work."""
     if suite is not None:
         SUITES.get(suite)
-    if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
-        raise ConfigError(f"--ece-bins {ece_bins!r} must be a positive integer (15 by default; CaRot's and TRACER's "
-                          "tables use 10)")
+    check_ece_bins(ece_bins, "--ece-bins")
 
 
 def _bad_note(bad_file: Path, rows: list[ResultRow]) -> str:
@@ -168,7 +167,7 @@ def _table(rows: list[ResultRow]) -> str:
 def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: str | None, paths: list[str],
              out: str, batch_size: int = 256, workers: int | None = None, device: str = "auto",
              alpha: float | None = None, progress: bool = True, max_bad_fraction: float | None = None,
-             ece_bins: int = 15) -> str:
+             ece_bins: int = ECE_BINS) -> str:
     """Evaluate the classifier of ``run`` and append one results row per dataset to ``out``.
 
     ``alpha`` picks one of a WiSE-FT run's interpolated classifiers (``RUN/wise/alpha_X.XX``)
@@ -180,7 +179,7 @@ def run_eval(*, run: str, data_root: str | None, suite: str | None, datasets: st
     """
     overrides = parse_pairs(paths, "--path")
     _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
-    _check_bins(ece_bins, suite)
+    _check_options(ece_bins, suite)
     bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:
@@ -208,7 +207,7 @@ def _wise_method(meta: dict[str, Any]) -> str:
 def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | None, suite: str | None,
              datasets: str | None, paths: list[str], out: str, save: str | None = None, batch_size: int = 256,
              workers: int | None = None, device: str = "auto", progress: bool = True,
-             max_bad_fraction: float | None = None, ece_bins: int = 15) -> str:
+             max_bad_fraction: float | None = None, ece_bins: int = ECE_BINS) -> str:
     """Interpolate a zero-shot and a fine-tuned run at each alpha; evaluate each; keep the curve.
 
     Unreadable images are handled as in :func:`run_eval` (the default limit is the
@@ -217,7 +216,7 @@ def run_wise(*, zeroshot: str, finetuned: str, alphas: str, data_root: str | Non
     alpha_list = parse_alphas(alphas)
     overrides = parse_pairs(paths, "--path")
     _max_bad_fraction(max_bad_fraction, {})  # a bad value fails before any work
-    _check_bins(ece_bins, suite)
+    _check_options(ece_bins, suite)
     bad_file = bad_images_file_for(out)
     dist = _device_env(device)
     try:

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from robustft.data.suites import SUITES
 from robustft.errors import DataError, choices_hint
 from robustft.evaluation.robustness import RobustnessFit, effective_robustness, fit_baseline
 from robustft.reports.results import ResultRow
@@ -45,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUITE_ORDER = ("imagenet", "imagenet-v2", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a")
+SUITE_ORDER = SUITES.get("imagenet-shifts").sets
 ZEROSHOT_METHODS = ("zeroshot", "zero-shot", "zero_shot")
 ID_DATASETS = ("imagenet", "id")  # the in-distribution set when none is named: ImageNet, or a user's own "id"
 OOD_AVG = "OOD avg"
